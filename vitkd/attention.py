@@ -1,0 +1,150 @@
+"""Exact attention capture from timm ViTs: the only module that knows timm internals.
+
+The capture re-runs the model's own submodules in order. Blocks whose attention is
+requested compute ``q k^T * scale`` explicitly (exact logits, differentiable); every
+other block, and the head, run timm's normal (fused) path. No hooks, no flags, no state:
+concurrent calls on one shared model never see each other's tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .errors import IncompatibleModelsError
+
+__all__ = ["AttentionOutputs", "TokenLayout", "capture_attention", "forward_with_attention", "token_layout",
+           "check_supported", "CaptureModule"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the token axis is laid out: ``num_prefix_tokens`` (CLS, dist, registers) then a row-major grid."""
+
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+
+@dataclass(frozen=True)
+class AttentionOutputs:
+    """Class logits [B, C]; per captured block, attention logits and probabilities [B, H, T, T].
+
+    ``attn_probs[i]`` is the very tensor the forward used (so gradients w.r.t. it are
+    meaningful); it equals ``attn_logits[i].softmax(-1)``.
+    """
+
+    class_logits: torch.Tensor
+    attn_logits: dict[int, torch.Tensor]
+    attn_probs: dict[int, torch.Tensor]
+
+
+def check_supported(model: torch.nn.Module) -> VisionTransformer:
+    """Raise ``IncompatibleModelsError`` naming the class unless vitkd can capture this model exactly."""
+    if not isinstance(model, VisionTransformer):
+        raise IncompatibleModelsError(
+            f"{type(model).__name__} is not a timm VisionTransformer; vitkd captures attention from ViTs only"
+        )
+    for idx, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise IncompatibleModelsError(
+                f"{type(model).__name__} block {idx} is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                "vitkd supports timm's standard Block with Attention"
+            )
+    return model
+
+
+def token_layout(model: torch.nn.Module) -> TokenLayout:
+    vit = check_supported(model)
+    grid = vit.patch_embed.grid_size
+    return TokenLayout(num_prefix_tokens=int(vit.num_prefix_tokens), grid_size=(int(grid[0]), int(grid[1])))
+
+
+def _attention_with_logits(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` unfused, also returning logits and the probabilities it used."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    probs = logits.softmax(dim=-1)
+    out = attn.attn_drop(probs) @ v
+    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, logits, probs
+
+
+def capture_attention(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    blocks: Iterable[int] | None = None,
+) -> AttentionOutputs:
+    """Forward ``images`` [B, 3, H, W] through ``model``, capturing the requested blocks (all if None)."""
+    vit = check_supported(model)
+    depth = len(vit.blocks)
+    wanted = set(range(depth)) if blocks is None else {int(b) for b in blocks}
+    bad = sorted(b for b in wanted if not 0 <= b < depth)
+    if bad:
+        raise IncompatibleModelsError(f"blocks {bad} out of range for a {depth}-block {type(vit).__name__}")
+    last = max(wanted, default=-1)
+    attn_logits: dict[int, torch.Tensor] = {}
+    attn_probs: dict[int, torch.Tensor] = {}
+
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    for idx, blk in enumerate(vit.blocks):
+        if idx in wanted:
+            out, logits, probs = _attention_with_logits(blk.attn, blk.norm1(x))
+            attn_logits[idx], attn_probs[idx] = logits, probs
+            x = x + blk.drop_path1(blk.ls1(out))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        elif idx > last and not torch.is_grad_enabled():
+            x = vit.blocks[idx:](x)  # the rest in one fused call
+            break
+        else:
+            x = blk(x)
+    x = vit.norm(x)
+    class_logits = vit.forward_head(x)
+    if isinstance(class_logits, tuple):  # DeiT distilled training mode returns (cls, dist)
+        class_logits = (class_logits[0] + class_logits[1]) / 2
+    return AttentionOutputs(class_logits=class_logits, attn_logits=attn_logits, attn_probs=attn_probs)
+
+
+def forward_with_attention(
+    model: torch.nn.Module, images: torch.Tensor, blocks: Iterable[int] | None = None
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``(class_logits [B, C], {block_idx: attn_logits [B, H, T, T]})``; probabilities are ``softmax(-1)``."""
+    out = capture_attention(model, images, blocks)
+    return out.class_logits, out.attn_logits
+
+
+def attention_probs_from_logits(attn_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32 whatever the input dtype (bf16 logits lose too much in exp)."""
+    return F.softmax(attn_logits.float(), dim=-1)
+
+
+class CaptureModule(torch.nn.Module):
+    """``capture_attention`` as a module, so DistributedDataParallel sees a normal forward call."""
+
+    def __init__(self, model: torch.nn.Module, blocks: Iterable[int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = None if blocks is None else tuple(sorted(set(blocks)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        out = capture_attention(self.model, images, self.blocks)
+        return out.class_logits, out.attn_logits

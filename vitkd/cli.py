@@ -1,0 +1,124 @@
+"""``python -m vitkd``: parse arguments into configs and call the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import VitkdError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="preset (see `python -m vitkd presets`) or timm ViT name")
+    g.add_argument("--data", required=True, help="cifar10, cifar100 or imagefolder:PATH")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--cache-dir", default=None, help="where decoded datasets are cached (default ~/.cache/vitkd)")
+    g.add_argument("--download", action="store_true", help="let torchvision download cifar10/100 (needs network)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=float, default=2.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--augment", default="basic", choices=["none", "basic", "strong"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call")
+    g.add_argument("--no-progress", action="store_true")
+    if distill:
+        g = p.add_argument_group("distillation")
+        g.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
+        g.add_argument("--map", default="encoder", dest="head_map",
+                       help="encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;...")
+        g.add_argument("--loss", default="kl", choices=["mse", "ce", "kl"])
+        g.add_argument("--alpha", type=float, default=0.5, help="weight of label CE; 1-alpha on attention")
+        g.add_argument("--gate", default="none", choices=["none", "teacher-correct"])
+        g.add_argument("--kd-weight", type=float, default=0.0, help="extra Hinton logit-KD term weight")
+        g.add_argument("--kd-temperature", type=float, default=4.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vitkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_args(sub.add_parser("train", help="train a teacher or a baseline student on labels"), distill=False)
+    _add_run_args(sub.add_parser("distill", help="train a student from a teacher's attention heads"), distill=True)
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on a split")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="defaults to the data the checkpoint was trained on")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("experiment", help="run every run of an experiment config and write the results table")
+    p.add_argument("config", help="YAML file, e.g. configs/cifar10.yaml")
+    p.add_argument("--only", nargs="*", default=None, help="run only these run names")
+    p.add_argument("--threads", type=int, default=None)
+    sub.add_parser("presets", help="list model presets with parameter counts")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command in ("train", "distill"):
+        from .train import TrainConfig, train
+
+        fields = dict(model=args.model, data=args.data, out_dir=args.out, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                      warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
+                      seed=args.seed, img_size=args.img_size, device=args.device, bf16=args.bf16,
+                      cache_dir=args.cache_dir, download=args.download)
+        if args.command == "distill":
+            fields.update(teacher=args.teacher, head_map=args.head_map, loss=args.loss, alpha=args.alpha,
+                          gate=args.gate, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+        metrics = train(TrainConfig(**fields), resume=args.resume, stop_after_epochs=args.stop_after,
+                        progress=not args.no_progress)
+        print(json.dumps({"out": args.out, **metrics}))
+    elif args.command == "eval":
+        from .analysis import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
+                                     batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{result['checkpoint']}: {result['accuracy']:.2f}% top-1 on {result['n']} {args.split} images")
+    elif args.command == "experiment":
+        from .experiment import run_experiment
+
+        run_experiment(args.config, only=args.only)
+    elif args.command == "presets":
+        from .models import PRESETS, build_model, describe_model
+
+        for name in PRESETS:
+            info = describe_model(build_model(name, num_classes=100 if name.startswith("seed") else 10))
+            print(f"{name:14s} {info['parameters'] / 1e6:5.2f}M params  {info['blocks']} blocks x "
+                  f"{info['heads']} heads  embed {info['embed_dim']}  grid {info['grid'][0]}x{info['grid'][1]}  "
+                  f"input {info['img_size'][0]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except VitkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130

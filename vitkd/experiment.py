@@ -1,0 +1,104 @@
+"""Experiment runner: train every run of a YAML config in order, then write the results table.
+
+Rerunning skips finished runs and resumes partial ones (each run is a ``train`` with
+``resume=True`` in its own folder). ``results.json`` lists every run with its full config
+and metrics, so ``results.md`` can be regenerated from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import read_checkpoint_meta
+from .errors import ConfigError
+from .train import TrainConfig, train
+
+__all__ = ["load_experiment", "run_experiment", "results_table"]
+
+
+def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, TrainConfig, dict[str, Any]]]]:
+    """Parse the YAML into ``(header, [(run name, TrainConfig, extra)])``; ``teacher: NAME`` refers to a run."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read experiment config {path}: {exc}") from exc
+    if not isinstance(spec, dict) or "runs" not in spec or "out_dir" not in spec:
+        raise ConfigError(f"{path}: an experiment config needs 'out_dir' and 'runs'")
+    out_dir = Path(spec["out_dir"])
+    defaults = dict(spec.get("defaults", {}))
+    runs: list[tuple[str, TrainConfig, dict[str, Any]]] = []
+    names: set[str] = set()
+    for raw in spec["runs"]:
+        raw = dict(raw)
+        name = raw.pop("name")
+        extra = {k: raw.pop(k) for k in ("group", "label") if k in raw}
+        fields = dict(defaults, **raw)
+        fields.setdefault("data", spec.get("data"))
+        teacher = fields.get("teacher")
+        if teacher is not None:
+            if teacher not in names:
+                raise ConfigError(f"{path}: run {name!r} names teacher {teacher!r}, which is not an earlier run")
+            fields["teacher"] = str(out_dir / teacher / "last.safetensors")
+        fields["out_dir"] = str(out_dir / name)
+        runs.append((name, TrainConfig.from_dict(fields), extra))
+        names.add(name)
+    return spec, runs
+
+
+def _run_summary(name: str, config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any] | None:
+    ckpt = Path(config.out_dir) / "last.safetensors"
+    if not ckpt.is_file():
+        return None
+    meta = read_checkpoint_meta(ckpt)
+    return {"name": name, **extra, "config": config.to_dict(), "epoch": meta.get("epoch"),
+            "finished": meta.get("epoch") == config.epochs, "accuracy": meta["metrics"]["accuracy"],
+            "parameters": meta.get("parameters"), "wall_time_s": meta.get("wall_time_s"),
+            "head_map": meta.get("head_map")}
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per run, then one row per group (mean +- spread over seeds)."""
+    lines = ["| run | loss | map | alpha | gate | seed | epochs | params | top-1 % | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["config"]
+        distilled = c["teacher"] is not None
+        lines.append(
+            f"| {r['name']} | {c['loss'] if distilled else '-'} | {c['head_map'] if distilled else '-'} | "
+            f"{c['alpha']} | {c['gate'] if distilled else '-'} | {c['seed']} | {r['epoch']}/{c['epochs']} | "
+            f"{r['parameters'] / 1e6:.2f}M | {r['accuracy']:.2f} | {r['wall_time_s'] / 60:.0f} min |")
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        if r.get("group") and r["finished"]:
+            groups.setdefault(r["group"], []).append(r["accuracy"])
+    if groups:
+        lines += ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
+        for group, accs in groups.items():
+            lines.append(f"| {group} | {len(accs)} | {statistics.mean(accs):.2f} | {max(accs) - min(accs):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(path: str | Path, only: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    spec, runs = load_experiment(path)
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, config, _ in runs:
+        if only and name not in only:
+            continue
+        print(f"== {name}", flush=True)
+        train(config, resume=True, progress=progress)
+        _write_results(out_dir, runs)
+    return _write_results(out_dir, runs)
+
+
+def _write_results(out_dir: Path, runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:
+    results = [r for r in (_run_summary(n, c, e) for n, c, e in runs) if r is not None]
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(results_table(results))
+    return results
