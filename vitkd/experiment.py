@@ -8,6 +8,7 @@ and metrics, so ``results.md`` can be regenerated from it alone.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,37 @@ def run_experiment(path: str | Path, only: list[str] | None = None, progress: bo
         print(f"== {name}", flush=True)
         train(config, resume=True, progress=progress)
         _write_results(out_dir, runs)
-    return _write_results(out_dir, runs)
+    results = _write_results(out_dir, runs)
+    if "bundle" in spec:
+        bundle_checkpoints(results, Path(spec["bundle"]["dir"]), spec["bundle"]["prefix"])
+    return results
+
+
+def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: str) -> list[Path]:
+    """Copy the finished teacher, seed-0 baseline student and best distilled student into ``bundle_dir``.
+
+    The best distilled student is the finished distilled run with the highest accuracy.
+    """
+    finished = [r for r in results if r["finished"]]
+    supervised = [r for r in finished if r["config"]["teacher"] is None]
+    distilled = [r for r in finished if r["config"]["teacher"] is not None]
+    picks: dict[str, dict[str, Any]] = {}
+    teachers = {r["config"]["teacher"] for r in distilled}
+    for r in supervised:
+        ckpt = str(Path(r["config"]["out_dir"]) / "last.safetensors")
+        if ckpt in teachers or r["name"] == "teacher":
+            picks.setdefault("teacher", r)
+        elif r["config"]["seed"] == 0:
+            picks.setdefault("student-baseline", r)
+    if distilled:
+        picks["student-distilled"] = max(distilled, key=lambda r: r["accuracy"])
+    written = []
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    for role, r in picks.items():
+        target = bundle_dir / f"{prefix}-{role}.safetensors"
+        shutil.copyfile(Path(r["config"]["out_dir"]) / "last.safetensors", target)
+        written.append(target)
+    return written
 
 
 def _write_results(out_dir: Path, runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -296,10 +296,10 @@ def train(
                     sums[key] += float(terms[key].detach())
             if is_main and time.time() - last_progress_write > 2.0:
                 last_progress_write = time.time()
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 _write_json_atomic(out_dir / "progress.json", {
                     "epoch": epoch, "epochs": config.epochs, "batch": batch_idx + 1,
-                    "batches": steps_per_epoch, "loss": float(loss), "time": time.time()})
+                    "batches": steps_per_epoch, "loss": loss.item(), "time": time.time()})
         bar.close()
         eval_metrics = evaluate(student, test_data, config.eval_batch_size, device, rank, world_size)
         epoch_time = time.time() - epoch_start

@@ -1,0 +1,84 @@
+"""The experiment runner: runs in order, skips finished runs, writes a table from results.json, bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
+from vitkd.errors import ConfigError
+from vitkd.experiment import load_experiment, results_table, run_experiment
+
+
+def _write_config(tmp_path: Path, image_folder: Path) -> Path:
+    spec = {
+        "out_dir": str(tmp_path / "runs"),
+        "data": f"imagefolder:{image_folder}",
+        "bundle": {"dir": str(tmp_path / "bundle"), "prefix": "toy"},
+        "defaults": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0, "device": "cpu", "eval_batch_size": 64},
+        "runs": [
+            {"name": "teacher", "model": "cifar-teacher", "model_overrides": {"depth": 2, "embed_dim": 64}},
+            {"name": "baseline", "group": "baseline", "model": "cifar-student", "model_overrides": {"depth": 2}},
+            {"name": "distilled", "group": "kl", "model": "cifar-student", "model_overrides": {"depth": 2},
+             "teacher": "teacher", "head_map": "block:1->1", "loss": "kl", "alpha": 0.5},
+        ],
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_experiment_runs_skips_and_bundles(tmp_path: Path, image_folder: Path) -> None:
+    config = _write_config(tmp_path, image_folder)
+    results = run_experiment(config, progress=False)
+    assert [r["name"] for r in results] == ["teacher", "baseline", "distilled"]
+    for r in results:
+        meta = read_checkpoint_meta(Path(r["config"]["out_dir"]) / "last.safetensors")
+        assert r["accuracy"] == meta["metrics"]["accuracy"]
+        assert r["finished"] and r["epoch"] == 1
+    distilled = results[2]
+    assert distilled["config"]["teacher"] == str(tmp_path / "runs" / "teacher" / "last.safetensors")
+    assert distilled["head_map"] == [[1, h, 1, h] for h in range(4)]
+
+    saved = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert saved == results
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert table == results_table(saved)  # the table regenerates from the JSON alone
+    assert f"| distilled | kl | block:1->1 | 0.5 |" in table
+
+    # The bundle holds the teacher, the seed-0 baseline and the best distilled student, bit for bit.
+    for role, run in (("teacher", "teacher"), ("student-baseline", "baseline"), ("student-distilled", "distilled")):
+        bundled = tmp_path / "bundle" / f"toy-{role}.safetensors"
+        assert bundled.read_bytes() == (tmp_path / "runs" / run / "last.safetensors").read_bytes()
+    load_checkpoint(tmp_path / "bundle" / "toy-student-distilled.safetensors")
+
+    # Rerunning skips finished runs: no checkpoint is rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/last.safetensors")}
+    run_experiment(config, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_experiment_rejects_unknown_teacher_and_keys(tmp_path: Path, image_folder: Path) -> None:
+    path = _write_config(tmp_path, image_folder)
+    spec = yaml.safe_load(path.read_text())
+    spec["runs"][2]["teacher"] = "nope"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="nope"):
+        load_experiment(path)
+    spec["runs"][2]["teacher"] = "teacher"
+    spec["runs"][1]["learning_rate"] = 0.1
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_experiment(path)
+
+
+def test_group_means_in_table() -> None:
+    base = {"teacher": None, "loss": "kl", "head_map": None, "alpha": 1.0, "gate": "none", "epochs": 2}
+    rows = [{"name": f"b{s}", "group": "baseline", "config": dict(base, seed=s), "epoch": 2, "finished": True,
+             "accuracy": acc, "parameters": 1000, "wall_time_s": 60.0} for s, acc in ((0, 50.0), (1, 53.0))]
+    table = results_table(rows)
+    assert "| baseline | 2 | 51.50 | 3.00 |" in table
