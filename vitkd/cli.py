@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -87,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
                           gate=args.gate, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
         metrics = train(TrainConfig(**fields), resume=args.resume, stop_after_epochs=args.stop_after,
                         progress=not args.no_progress)
-        print(json.dumps({"out": args.out, **metrics}))
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps({"out": args.out, **metrics}))
     elif args.command == "eval":
         from .analysis import evaluate_checkpoint
 

@@ -96,10 +96,11 @@ def _list_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
-def _decode_folder(samples: list[tuple[str, int]], size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_folder(samples: list[tuple[str, int]], size: int, desc: str,
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
     labels = np.empty(len(samples), dtype=np.int64)
-    for i, (path, label) in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=1.0)):
+    for i, (path, label) in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=1.0, disable=not progress)):
         with Image.open(path) as img:
             images[i] = np.asarray(resize_center_crop(img.convert("RGB"), size))
         labels[i] = label
@@ -163,7 +164,7 @@ def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | N
             path.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
 
     if samples:
-        images, labels = _decode_folder(samples, img_size, desc=f"decode {split_dir}" if progress else None)
+        images, labels = _decode_folder(samples, img_size, f"decode {split_dir}", progress)
     else:
         images, labels, classes = _load_torchvision(source, split, cache, download)
         if images.shape[-1] != img_size:
