@@ -1,0 +1,1 @@
+"""The Streamlit explorer: pages arrange widgets and call ``vitkd``; ``common`` holds the shared loaders."""

@@ -1,0 +1,476 @@
+"""What every page shares: server configuration, checkpoint discovery, the cached loaders and the sidebar
+model picker.
+
+The ``st.cache_*`` wrappers live here and only here. Cached models are shared by every
+session and thread, so nothing may mutate them; ``vitkd.analysis`` only reads them.
+Configuration comes from the server (environment and command line), never from the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+from vitkd.analysis import (
+    ImageAnalysis,
+    ModelAnalysis,
+    ModelPair,
+    analyze_pair,
+    check_pair,
+    class_rollout,
+    model_summary,
+)
+from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
+from vitkd.distill import HeadMap
+from vitkd.errors import VitkdError
+from vitkd.images import DEFAULT_MAX_PIXELS, load_image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_CHECKPOINTS = REPO_ROOT / "checkpoints"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "app"
+
+TEACHER_KEY, STUDENT_KEY = "vitkd_teacher", "vitkd_student"
+EXPLORE_IMAGE_KEY = "explore_image"  # {"name": str, "bytes": bytes, "label": int | None}: open it in Explore
+EXPLORE_PAGE = "pages/explore.py"
+IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
+PREFERRED_TEACHERS = ("cifar10-teacher.safetensors", "imagenette-teacher.safetensors")
+
+_FALSE = {"0", "false", "no", "off"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Set by whoever runs the server (env vars or ``streamlit run app/streamlit_app.py -- ...``).
+
+    Args:
+        checkpoint_dirs: folders searched for ``*.safetensors`` checkpoints (bundled ``checkpoints/`` first).
+        data_roots: image folders pages may read (configured ones, then the bundled examples).
+        training_enabled: whether the browser may start training runs.
+        runs_dir: where browser-started runs write; their ``*/last.safetensors`` join the model picker.
+        max_upload_mb: Streamlit's ``server.maxUploadSize``.
+        torch_threads: intra-op threads for analysis; 0 keeps torch's default. One is the default: the
+            bundled models are small, and on a busy machine several threads per request spin-wait for
+            each other (bench/app_latency.py: ~10 ms with 1 thread, up to ~1 s with 2 on a loaded 2-core box).
+    """
+
+    checkpoint_dirs: tuple[Path, ...]
+    data_roots: tuple[Path, ...]
+    training_enabled: bool
+    runs_dir: Path
+    max_upload_mb: int
+    torch_threads: int = 1
+
+
+def _split_paths(value: str | None) -> list[str]:
+    return [p for p in (value or "").split(os.pathsep) if p.strip()]
+
+
+def _unique(paths: Sequence[str | Path]) -> tuple[Path, ...]:
+    seen: dict[Path, None] = {}
+    for p in paths:
+        seen.setdefault(Path(p).expanduser().absolute(), None)
+    return tuple(seen)
+
+
+def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upload_mb: int = 200) -> ServerConfig:
+    """``ServerConfig`` from script arguments (after ``--``) and the environment; unknown arguments are ignored.
+
+    Command line beats environment: ``--checkpoint-dir DIR`` / ``VITKD_CHECKPOINT_DIRS`` (os.pathsep-separated),
+    ``--data-root DIR`` / ``VITKD_DATA_ROOTS``, ``--runs-dir`` / ``VITKD_RUNS_DIR``, ``--enable-training`` /
+    ``--disable-training`` / ``VITKD_ENABLE_TRAINING`` (default on; the Docker image sets 0),
+    ``--torch-threads N`` / ``VITKD_TORCH_THREADS`` (default 1; 0 keeps torch's default).
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--checkpoint-dir", action="append", default=[])
+    parser.add_argument("--data-root", action="append", default=[])
+    parser.add_argument("--runs-dir", default=None)
+    parser.add_argument("--enable-training", action="store_true")
+    parser.add_argument("--disable-training", action="store_true")
+    parser.add_argument("--torch-threads", default=None)
+    try:
+        args, _ = parser.parse_known_args(list(argv))
+    except SystemExit:  # e.g. a flag without its value: fall back to the environment alone
+        args, _ = parser.parse_known_args([])
+    env_training = environ.get("VITKD_ENABLE_TRAINING", "").strip().lower()
+    training = env_training not in _FALSE if env_training in _FALSE | _TRUE else True
+    if args.enable_training:
+        training = True
+    if args.disable_training:
+        training = False
+    runs_dir = args.runs_dir or environ.get("VITKD_RUNS_DIR") or DEFAULT_RUNS_DIR
+    threads_text = args.torch_threads or environ.get("VITKD_TORCH_THREADS") or "1"
+    threads = int(threads_text) if threads_text.strip().isdigit() else 1
+    return ServerConfig(
+        checkpoint_dirs=_unique([BUNDLED_CHECKPOINTS, *args.checkpoint_dir,
+                                 *_split_paths(environ.get("VITKD_CHECKPOINT_DIRS"))]),
+        data_roots=_unique([*args.data_root, *_split_paths(environ.get("VITKD_DATA_ROOTS")), EXAMPLES_DIR]),
+        training_enabled=training,
+        runs_dir=Path(runs_dir).expanduser().absolute(),
+        max_upload_mb=int(max_upload_mb),
+        torch_threads=threads,
+    )
+
+
+def server_config() -> ServerConfig:
+    """This server's configuration (cheap; re-read each run so tests can change the environment)."""
+    return parse_server_config(sys.argv[1:], os.environ, st.get_option("server.maxUploadSize"))
+
+
+def apply_torch_threads(config: ServerConfig) -> None:
+    """Process-wide server setting, applied by the entrypoint (never by ``vitkd``)."""
+    if config.torch_threads > 0 and torch.get_num_threads() != config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One discovered checkpoint file: its metadata, or why it cannot be read."""
+
+    path: str
+    label: str
+    mtime: float
+    meta: dict[str, Any] | None
+    error: str | None
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _read_meta(path: str, mtime: float, size: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Header-only read, cached per file version (mtime, size); errors are returned so they are cached too."""
+    try:
+        return read_checkpoint_meta(path), None
+    except VitkdError as exc:
+        return None, str(exc)
+
+
+def _candidates(config: ServerConfig) -> list[tuple[Path, Path]]:
+    """(file, folder it was found under) for every checkpoint-looking file, in configuration order."""
+    found: list[tuple[Path, Path]] = []
+    for folder in config.checkpoint_dirs:
+        if folder.is_dir():
+            files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
+            found += [(f, folder) for f in files]
+    if config.runs_dir.is_dir():
+        found += [(f, config.runs_dir) for f in sorted(config.runs_dir.glob("*/last.safetensors"))]
+    # Training state files sit beside checkpoints but are not models; dot files are atomic-write temporaries.
+    return [(f, d) for f, d in found if not f.name.endswith(".state.safetensors") and not f.name.startswith(".")]
+
+
+def list_checkpoints(config: ServerConfig | None = None) -> list[CheckpointEntry]:
+    """Every checkpoint in the configured folders (and finished browser runs), readable or not."""
+    config = config or server_config()
+    entries: list[CheckpointEntry] = []
+    seen: set[Path] = set()
+    for path, folder in _candidates(config):
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        label = f"{folder.name}/{path.relative_to(folder).with_suffix('').as_posix()}"
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            entries.append(CheckpointEntry(str(path), label, 0.0, None, f"{path}: cannot read ({exc})"))
+            continue
+        meta, error = _read_meta(str(path), stat.st_mtime, stat.st_size)
+        entries.append(CheckpointEntry(str(path), label, stat.st_mtime, meta, error))
+    return entries
+
+
+def default_pair(entries: Sequence[CheckpointEntry]) -> tuple[CheckpointEntry, CheckpointEntry]:
+    """The pair shown first: the bundled CIFAR-10 teacher and its distilled student when present."""
+    def name(e: CheckpointEntry) -> str:
+        return Path(e.path).name
+
+    def teacher_rank(e: CheckpointEntry) -> int:
+        if name(e) in PREFERRED_TEACHERS:
+            return PREFERRED_TEACHERS.index(name(e))
+        return len(PREFERRED_TEACHERS) + (0 if "teacher" in e.label else 1)
+
+    teacher = min(entries, key=teacher_rank)
+    prefix = name(teacher).split("-teacher")[0]
+    t_meta = teacher.meta or {}
+
+    def student_rank(e: CheckpointEntry) -> int:
+        meta = e.meta or {}
+        same_data = (meta.get("class_names") == t_meta.get("class_names")
+                     and meta.get("img_size") == t_meta.get("img_size"))
+        if name(e) == f"{prefix}-student-distilled.safetensors":
+            return 0
+        if name(e).startswith(prefix) and "student" in name(e):
+            return 1
+        if same_data and meta.get("head_map"):
+            return 2
+        if same_data:
+            return 3
+        return 4 if "student" in e.label else 5
+
+    others = [e for e in entries if e.path != teacher.path] or [teacher]
+    return teacher, min(others, key=student_rank)
+
+
+# ----------------------------------------------------------------------------------------------- cached loaders
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def load_model(path: str, mtime: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A checkpoint loaded once per process (per file version); shared by all sessions: never mutate it."""
+    return load_checkpoint(path, device=_device())
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _load_pair(teacher_path: str, teacher_mtime: float, student_path: str, student_mtime: float) -> ModelPair:
+    teacher, teacher_meta = load_model(teacher_path, teacher_mtime)
+    student, student_meta = load_model(student_path, student_mtime)
+    return check_pair(teacher, teacher_meta, student, student_meta)
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    """The current selection: the entries, the checked pair (or the error saying why there is none)."""
+
+    teacher: CheckpointEntry | None
+    student: CheckpointEntry | None
+    pair: ModelPair | None
+    error: str | None
+
+    @property
+    def key(self) -> str:
+        """Identifies the pair's file versions (for ``st.cache_data`` keys)."""
+        if self.teacher is None or self.student is None:
+            return ""
+        return f"{self.teacher.path}@{self.teacher.mtime}|{self.student.path}@{self.student.mtime}"
+
+
+def _selection(usable: Sequence[CheckpointEntry]) -> tuple[CheckpointEntry, CheckpointEntry]:
+    by_path = {e.path: e for e in usable}
+    teacher_default, student_default = default_pair(usable)
+    teacher = by_path.get(st.session_state.get(TEACHER_KEY), teacher_default)
+    student = by_path.get(st.session_state.get(STUDENT_KEY), student_default)
+    return teacher, student
+
+
+def pair_status() -> PairStatus:
+    """Resolve the sidebar selection (or the defaults) to a loaded, checked pair; errors become messages."""
+    usable = [e for e in list_checkpoints() if e.error is None]
+    if not usable:
+        return PairStatus(None, None, None, "no readable checkpoints found")
+    teacher, student = _selection(usable)
+    try:
+        pair = _load_pair(teacher.path, teacher.mtime, student.path, student.mtime)
+    except VitkdError as exc:
+        return PairStatus(teacher, student, None, str(exc))
+    return PairStatus(teacher, student, pair, None)
+
+
+def selected_pair() -> ModelPair | None:
+    """The teacher/student pair chosen in the sidebar, loaded and checked; None when there is no valid pair."""
+    return pair_status().pair
+
+
+def open_in_explore(name: str, data: bytes, label: int | None = None) -> None:
+    """Switch to the Explore page showing this image (``label``: true class index under the current pair)."""
+    st.session_state[EXPLORE_IMAGE_KEY] = {"name": name, "bytes": data, "label": label}
+    st.switch_page(EXPLORE_PAGE)
+
+
+def image_key(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def decode_image(key: str, _data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None,
+                                                                                        str | None]:
+    """(RGB uint8 array, None) or (None, the ImageError message); cached by content digest ``key``."""
+    try:
+        return np.asarray(load_image(_data, max_pixels=max_pixels)), None
+    except VitkdError as exc:
+        return None, str(exc)
+
+
+@st.cache_data(max_entries=16, show_spinner="Analysing...")
+def analyze_cached(pair_key: str, key: str, true_label: int | None, _pair: ModelPair,
+                   _image: np.ndarray) -> ImageAnalysis:
+    """``analyze_pair`` cached per (pair file versions, image digest, label): sliders rerun without models."""
+    return analyze_pair(_pair, _image, true_label=true_label)
+
+
+@st.cache_data(max_entries=64, show_spinner="Computing class rollout...")
+def class_rollout_cached(pair_key: str, key: str, role: str, class_index: int, _model: torch.nn.Module,
+                         _result: ModelAnalysis) -> np.ndarray:
+    return class_rollout(_model, _result.inputs, class_index)
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    path: Path
+    label: str | None
+
+
+def examples() -> list[Example]:
+    """The bundled example images with their true class names (``app/examples/labels.json``)."""
+    labels_file = EXAMPLES_DIR / "labels.json"
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
+    files = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_TYPES)
+    return [Example(p.name, p, labels.get(p.name)) for p in files]
+
+
+# ----------------------------------------------------------------------------------------------- display helpers
+
+def format_count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def format_accuracy(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.2f} %"
+
+
+def describe_head_map(head_map: HeadMap | None) -> list[str]:
+    """One line per student block: which teacher heads taught its heads."""
+    if head_map is None:
+        return []
+    lines = []
+    for block in head_map.student_blocks:
+        pairs = [p for p in head_map.pairs if p.student_block == block]
+        lines.append(f"S{block}: " + ", ".join(f"h{p.student_head} <- T{p.teacher_block}.h{p.teacher_head}"
+                                                for p in pairs))
+    return lines
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    grid = summary["grid"]
+    rows = [
+        ("Parameters", format_count(summary["parameters"])),
+        ("Blocks x heads", f"{summary['blocks']} x {summary['heads']} (embed {summary['embed_dim']})"),
+        ("Patch grid", f"{grid[0]}x{grid[1]} + {summary['num_prefix_tokens']} prefix"),
+        ("Input", f"{summary['img_size'][0]} px, patch {summary['patch_size'][0]}"),
+        ("Classes", str(len(summary["class_names"]))),
+        ("Accuracy", format_accuracy(summary["accuracy"])),
+        ("Kind", f"{summary['kind']}" + (f", epoch {summary['epoch']}" if summary.get("epoch") else "")),
+    ]
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def ensure_choice(key: str, options: Sequence[Any], default: Any) -> None:
+    """Before a widget is drawn: reset its stored value when it is missing or no longer an option
+    (e.g. after switching to a model with fewer blocks)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = default
+
+
+def _no_checkpoints_message(config: ServerConfig) -> str:
+    folders = ", ".join(f"`{d}`" for d in config.checkpoint_dirs)
+    return (f"No checkpoints found in {folders}. Train the bundled pair with "
+            "`python -m vitkd experiment configs/cifar10.yaml` and copy its `last.safetensors` files into "
+            "`checkpoints/`, or point the app at a folder of `.safetensors` checkpoints with "
+            "`VITKD_CHECKPOINT_DIRS=DIR` or `streamlit run app/streamlit_app.py -- --checkpoint-dir DIR`.")
+
+
+def render_sidebar() -> PairStatus:
+    """The model picker every page shares: teacher and student selectboxes, their summaries, the pair in use."""
+    config = server_config()
+    entries = list_checkpoints(config)
+    usable = [e for e in entries if e.error is None]
+    sidebar = st.sidebar
+    sidebar.subheader("Models")
+    if not usable:
+        sidebar.info(_no_checkpoints_message(config))
+    else:
+        paths = [e.path for e in usable]
+        labels = {e.path: e.label for e in usable}
+        teacher_default, student_default = default_pair(usable)
+        ensure_choice(TEACHER_KEY, paths, teacher_default.path)
+        ensure_choice(STUDENT_KEY, paths, student_default.path)
+        sidebar.selectbox("Teacher", paths, format_func=labels.__getitem__, key=TEACHER_KEY)
+        sidebar.selectbox("Student", paths, format_func=labels.__getitem__, key=STUDENT_KEY)
+    status = pair_status() if usable else PairStatus(None, None, None, None)
+    if status.error:
+        sidebar.error(status.error)
+    if status.pair is not None:
+        pair = status.pair
+        sidebar.caption(f"Comparing **{status.teacher.label}** (teacher) with **{status.student.label}** "
+                        f"(student): {len(pair.class_names)} classes, {pair.img_size} px.")
+        for note in pair.notes:
+            sidebar.warning(note)
+        with sidebar.expander("Teacher summary"):
+            st.markdown(summary_markdown(model_summary(pair.teacher, pair.teacher_meta)))
+        with sidebar.expander("Student summary", expanded=False):
+            st.markdown(summary_markdown(model_summary(pair.student, pair.student_meta)))
+            lines = describe_head_map(pair.head_map)
+            if lines:
+                st.markdown("**Distilled heads** (student head <- teacher head):\n\n" +
+                            "\n".join(f"- {line}" for line in lines))
+            else:
+                st.caption("No head map: a baseline student (not distilled) or one taught by another teacher.")
+            taught_from = (pair.student_meta.get("teacher") or {}).get("path")
+            if taught_from:
+                st.caption(f"Distilled from `{taught_from}`.")
+    elif status.teacher is not None:
+        # The pair failed (incompatible or unreadable); still describe what loads so users see why.
+        for role, entry in (("Teacher", status.teacher), ("Student", status.student)):
+            try:
+                model, meta = load_model(entry.path, entry.mtime)
+            except VitkdError:
+                continue
+            with sidebar.expander(f"{role} summary"):
+                st.markdown(summary_markdown(model_summary(model, meta)))
+    broken = [e for e in entries if e.error is not None]
+    for entry in broken:
+        sidebar.error(f"Skipped `{entry.label}`: {entry.error}")
+    return status
+
+
+# ----------------------------------------------------------------------------------------------- charts
+
+def topk_figure(result: ModelAnalysis, true_label: int | None, title: str) -> go.Figure:
+    """Horizontal bars of the top-k probabilities; the true class green, other bars blue."""
+    preds = list(reversed(result.top_k))  # plotly draws the first category at the bottom
+    colors = ["#2ca02c" if p.index == true_label else "#4c78a8" for p in preds]
+    fig = go.Figure(go.Bar(x=[p.prob for p in preds], y=[p.name for p in preds], orientation="h",
+                           marker_color=colors, text=[f"{p.prob:.1%}" for p in preds], textposition="auto",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=230, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(range=[0, 1], tickformat=".0%"), yaxis=dict(automargin=True))
+    return fig
+
+
+def divergence_figure(matrix: np.ndarray, teacher_block: int, student_block: int,
+                      marks: Sequence[tuple[int, int]]) -> go.Figure:
+    """Student head (rows) x teacher head (columns) JS divergence; ``marks`` (student_head, teacher_head)
+    are the distilled pairs, drawn as squares."""
+    student_heads = [f"S{student_block}.h{h}" for h in range(matrix.shape[0])]
+    teacher_heads = [f"T{teacher_block}.h{h}" for h in range(matrix.shape[1])]
+    fig = go.Figure(go.Heatmap(z=matrix, x=teacher_heads, y=student_heads, colorscale="Viridis", zmin=0,
+                               zmax=float(np.log(2)), colorbar=dict(title="JS"),
+                               hovertemplate="%{y} vs %{x}: JS %{z:.4f}<extra></extra>"))
+    if marks:
+        fig.add_trace(go.Scatter(x=[teacher_heads[t] for _, t in marks], y=[student_heads[s] for s, _ in marks],
+                                 mode="markers", name="distilled pair", showlegend=True,
+                                 marker=dict(symbol="square-open", size=26, color="#ffc400", line=dict(width=3)),
+                                 hoverinfo="skip"))
+    fig.update_layout(height=120 + 40 * matrix.shape[0], margin=dict(l=10, r=10, t=30, b=10),
+                      yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=1.15))
+    return fig

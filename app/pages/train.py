@@ -1,0 +1,251 @@
+"""Train: start a distillation or baseline run from the browser and follow it.
+
+The run is a separate ``python -m vitkd`` process (``vitkd.jobs``): it survives page reloads,
+only one runs per server, and its state is read back from its run folder, so every session
+sees the same job. Finished runs' ``last.safetensors`` join the sidebar model picker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app import common
+from vitkd.distill import GATES, LOSS_KINDS, parse_head_map
+from vitkd.errors import VitkdError
+from vitkd.jobs import (
+    Job,
+    JobStatus,
+    active_job,
+    cancel_job,
+    checkpoint_shape,
+    config_to_args,
+    folder_class_names,
+    job_status,
+    list_jobs,
+    matching_student_presets,
+    preset_shape,
+    start_job,
+    training_roots,
+)
+from vitkd.models import PRESETS
+
+MODES = {"distill": "Distil a student from a teacher", "train": "Train on labels only (baseline or teacher)"}
+HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
+
+- `encoder`: student block j follows an evenly spaced teacher block, head h follows teacher head h;
+  `encoder[0,2,4,6]` picks the teacher heads (one per student head).
+- `block:5->3;4->2`: the listed block pairs, all heads; `block:5->3[0,2,4,6]` picks the teacher heads.
+- `head:5.0->3.1;5.2->3.0`: single heads, `teacher_block.head->student_block.head`.
+"""
+STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_circle:",
+               "failed": ":material/error:", "cancelled": ":material/cancel:"}
+
+
+def curves(status: JobStatus) -> go.Figure:
+    """Train loss and test accuracy per epoch, from ``metrics.jsonl``."""
+    epochs = [m.get("epoch") for m in status.metrics]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Training loss", "Test accuracy (%)"))
+    fig.add_trace(go.Scatter(x=epochs, y=[m.get("train_loss") for m in status.metrics], mode="lines+markers",
+                             name="loss"), row=1, col=1)
+    if any("train_att" in m for m in status.metrics):
+        fig.add_trace(go.Scatter(x=epochs, y=[m.get("train_att") for m in status.metrics], mode="lines+markers",
+                                 name="attention loss"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=epochs, y=[m.get("accuracy") for m in status.metrics], mode="lines+markers",
+                             name="accuracy"), row=1, col=2)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def _log_tail(job: Job, lines: int = 20) -> str:
+    try:
+        return "\n".join(job.log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def show_job(job: Job, status: JobStatus) -> None:
+    st.markdown(f"{STATE_ICONS[status.state]} **{job.name}**: {status.state} (`{job.command}`, started "
+                f"{_format_time(job.started)})")
+    if status.running:
+        text = f"epoch {min(status.epoch + 1, max(1, status.epochs))} of {status.epochs or '?'}"
+        if status.batches:
+            text += f", batch {status.batch} of {status.batches}"
+        if status.loss is not None:
+            text += f", loss {status.loss:.4f}"
+        st.progress(status.fraction, text=text)
+    elif status.state == "finished":
+        st.success(f"Finished: test accuracy {common.format_accuracy(status.accuracy)}. The checkpoint "
+                   f"`{job.name}/last.safetensors` is now in the sidebar model picker.")
+    elif status.state == "cancelled":
+        st.warning(f"Cancelled after {len(status.metrics)} epochs. Continue it from the command line with "
+                   f"`python -m vitkd {' '.join(job.args)} --resume`.")
+    else:
+        st.error(f"Failed: {status.message or 'the process ended without finishing'}")
+    if status.metrics:
+        st.plotly_chart(curves(status), key=f"train_curves_{job.name}", config={"displayModeBar": False})
+    with st.expander("Log"):
+        st.code(_log_tail(job) or "(empty)", language=None)
+
+
+def _format_time(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def cancel(job: Job) -> None:
+    cancel_job(job)
+    st.session_state["train_cancelled"] = job.name
+
+
+@st.fragment(run_every=2)
+def job_panel(runs_dir: Path) -> None:
+    """Refreshes itself every 2 s; when the job's state changes the whole page reruns (start button, picker)."""
+    job = active_job(runs_dir)
+    shown = job or next(iter(list_jobs(runs_dir)), None)
+    if shown is None:
+        st.caption("No training runs yet.")
+        return
+    status = job_status(shown)
+    show_job(shown, status)
+    if status.running:
+        st.button("Cancel", key="train_cancel", on_click=cancel, args=(shown,), type="secondary",
+                  help="Stops the process (SIGTERM); the last finished epoch is kept and can be resumed.")
+    seen = st.session_state.get("train_seen")
+    st.session_state["train_seen"] = (shown.name, status.state)
+    if seen is not None and seen[0] == shown.name and seen[1] == "running" and status.state != "running":
+        st.rerun(scope="app")  # re-enable the start button and refresh the model picker
+
+
+def teacher_choices() -> dict[str, common.CheckpointEntry]:
+    return {e.path: e for e in common.list_checkpoints() if e.meta is not None}
+
+
+def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[str, Any] | None, list[str]]:
+    """Teacher, student preset, head map and loss widgets; returns (config fields or None, problems shown)."""
+    if not teachers:
+        st.info("No teacher checkpoints found: train a teacher first (choose 'Train on labels only').")
+        return None, []
+    paths = list(teachers)
+    common.ensure_choice("train_teacher", paths, paths[0])
+    teacher_path = st.selectbox("Teacher checkpoint", paths, format_func=lambda p: teachers[p].label,
+                                key="train_teacher")
+    teacher = teachers[teacher_path]
+    try:
+        t_shape = checkpoint_shape(teacher.meta)
+    except VitkdError as exc:
+        st.error(f"Cannot read the teacher's architecture: {exc}")
+        return None, []
+    presets = matching_student_presets(t_shape)
+    if not presets:
+        st.info(f"No student preset has the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid at "
+                f"{t_shape.img_size} px.")
+        return None, []
+    students = [p for p in presets if "student" in p] + [p for p in presets if "student" not in p]
+    common.ensure_choice("train_student", students, students[0])
+    cols = st.columns(2)
+    student = cols[0].selectbox("Student preset", students, key="train_student",
+                                help=f"Presets with the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid, "
+                                     f"trained at the teacher's {t_shape.img_size} px input.")
+    s_shape = preset_shape(student, t_shape.img_size)
+    cols[1].caption(f"Teacher: {t_shape.depth} blocks x {t_shape.num_heads} heads. "
+                    f"Student: {s_shape.depth} blocks x {s_shape.num_heads} heads.")
+    head_map = st.text_input("Head map", value="encoder", key="train_head_map", help=HEAD_MAP_HELP)
+    problems = []
+    try:
+        parsed = parse_head_map(head_map, t_shape.depth, t_shape.num_heads, s_shape.depth, s_shape.num_heads)
+        description = parsed.describe()
+        st.caption(f":green[Valid head map, {len(parsed.pairs)} head pairs:] "
+                   + (description if len(description) < 400 else description[:400] + "..."))
+    except VitkdError as exc:
+        st.error(f"Head map: {exc}")
+        problems.append("fix the head map")
+    cols = st.columns(3)
+    loss = cols[0].selectbox("Attention loss", list(LOSS_KINDS), index=list(LOSS_KINDS).index("kl"), key="train_loss")
+    alpha = cols[1].slider("Alpha (weight of label CE)", 0.0, 1.0, 0.5, 0.05, key="train_alpha",
+                           help="loss = alpha * CE + (1 - alpha) * attention loss")
+    gate = cols[2].selectbox("Gate", list(GATES), key="train_gate",
+                             help="teacher-correct: distil attention only on images the teacher classifies right")
+    fields = {"model": student, "teacher": teacher_path, "head_map": head_map, "loss": loss, "alpha": float(alpha),
+              "gate": gate, "img_size": t_shape.img_size}
+    return fields, problems
+
+
+def train_fields() -> dict[str, Any]:
+    presets = list(PRESETS)
+    common.ensure_choice("train_model", presets, "cifar-student" if "cifar-student" in presets else presets[0])
+    model = st.selectbox("Model preset", presets, key="train_model")
+    shape = preset_shape(model)
+    st.caption(f"{shape.depth} blocks x {shape.num_heads} heads, {shape.img_size} px input, "
+               f"{shape.grid[0]}x{shape.grid[1]} patch grid.")
+    return {"model": model}
+
+
+def main() -> None:
+    st.title("Train")
+    config = common.server_config()
+    if not config.training_enabled:
+        st.info("Training from the browser is disabled on this server. Train with `python -m vitkd train|distill` "
+                "or start the server with `VITKD_ENABLE_TRAINING=1` (or `-- --enable-training`).")
+        return
+    st.subheader("Current run")
+    job_panel(config.runs_dir)
+    running = active_job(config.runs_dir)
+
+    st.subheader("New run")
+    roots = training_roots(config.data_roots)
+    if not roots:
+        st.info("No data root with `train/` and `test/` (or `val/`) class folders is configured. Start the server "
+                "with `VITKD_DATA_ROOTS=DIR` or `-- --data-root DIR`.")
+        return
+    mode = st.radio("Run", list(MODES), format_func=MODES.__getitem__, horizontal=True, key="train_mode")
+    teachers = teacher_choices()
+    if mode == "distill":
+        fields, problems = distill_fields(teachers)
+    else:
+        fields, problems = train_fields(), []
+    root_names = {str(r): f"{r.name}  ({r})" for r in roots}
+    common.ensure_choice("train_data", list(root_names), next(iter(root_names)))
+    cols = st.columns(3)
+    data_root = cols[0].selectbox("Dataset", list(root_names), format_func=root_names.__getitem__, key="train_data")
+    epochs = cols[1].number_input("Epochs", 1, 1000, 10, key="train_epochs")
+    batch_size = cols[2].number_input("Batch size", 1, 4096, 128, key="train_batch_size")
+    if fields is not None and fields.get("teacher"):
+        teacher_classes = (teachers[fields["teacher"]].meta or {}).get("class_names")
+        data_classes = folder_class_names(data_root)
+        if teacher_classes and list(teacher_classes) != data_classes:
+            st.error(f"The teacher was trained on classes {', '.join(teacher_classes[:8])}"
+                     f"{'...' if len(teacher_classes) > 8 else ''}, but this dataset has "
+                     f"{', '.join(data_classes[:8]) or 'none'}{'...' if len(data_classes) > 8 else ''}.")
+            problems.append("pick the teacher's dataset")
+    args: list[str] | None = None
+    if fields is not None:
+        run_config = dict(fields, data=f"imagefolder:{data_root}", epochs=int(epochs), batch_size=int(batch_size))
+        try:
+            args = config_to_args(run_config)
+        except VitkdError as exc:
+            st.error(str(exc))
+            problems.append(str(exc))
+    if args is not None:
+        st.caption("Command: `python -m vitkd " + " ".join(args) + " --out RUN_DIR`")
+    if running is not None:
+        st.caption(f"Run **{running.name}** is in progress; one run at a time per server.")
+    start = st.button("Start training", type="primary", key="train_start",
+                      disabled=running is not None or args is None or bool(problems))
+    if start and args is not None:
+        try:
+            job = start_job(config.runs_dir, run_config, name=f"{mode}-{fields['model']}")
+        except VitkdError as exc:
+            st.error(str(exc))
+            return
+        st.session_state["train_seen"] = (job.name, "running")
+        st.rerun()
+
+
+main()

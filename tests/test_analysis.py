@@ -1,0 +1,372 @@
+"""vitkd.analysis and vitkd.overlay against independent references: torch resampling, hand-indexed toys,
+a plain-Python Jensen-Shannon, the model's own forward, and one thread vs two."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitkd.analysis import (
+    ImageAnalysis,
+    analysis_to_csv,
+    analysis_to_json,
+    analyze_image,
+    check_pair,
+    class_rollout,
+    cls_attention_maps,
+    compare_heads,
+    comparison_png,
+    flag_predictions,
+    fused_map,
+    head_divergence,
+    load_pair,
+    mark_patch,
+    model_summary,
+    pair_divergences,
+    paired_teacher_block,
+    recompute_rollout,
+    rollout_map,
+)
+from vitkd.attention import TokenLayout, capture_attention
+from vitkd.checkpoint import save_checkpoint
+from vitkd.errors import IncompatibleModelsError
+from vitkd.images import preprocess
+from vitkd.models import build_model
+from vitkd.overlay import enlarge_image, normalize_map, overlay, upsample_map
+from vitkd.rollout import attention_rollout, gradient_rollout
+
+CLASSES = [f"class{i}" for i in range(10)]
+HEAD_MAP = [[1, 0, 1, 0], [1, 3, 1, 1], [0, 2, 0, 3]]  # teacher block.head -> student block.head
+
+
+def sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale query/key weights so random-init attention is far from uniform (maps and divergences differ)."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            dim = blk.attn.qkv.weight.shape[1]
+            blk.attn.qkv.weight[: 2 * dim] *= 6.0
+    return model.eval()
+
+
+def meta(**extra) -> dict:
+    return dict(class_names=CLASSES, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], img_size=32, **extra)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    teacher = sharpen(build_model("cifar-teacher", 10, depth=2))
+    student = sharpen(build_model("cifar-student", 10, depth=2))
+    return teacher, meta(kind="supervised", metrics={"accuracy": 61.5}), student, meta(kind="distilled",
+                                                                                        head_map=HEAD_MAP)
+
+
+def random_image(seed: int, size=(40, 48)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def analysis(models) -> ImageAnalysis:
+    teacher, t_meta, student, s_meta = models
+    return analyze_image(teacher, t_meta, student, s_meta, random_image(0), true_label=3)
+
+
+# --------------------------------------------------------------------------------------------- overlay helpers
+
+@pytest.mark.parametrize("mode,torch_mode,atol", [("linear", "bilinear", 1e-5), ("cubic", "bicubic", 2e-2)])
+def test_upsample_matches_torch_interpolate(mode, torch_mode, atol):
+    m = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+    ours = upsample_map(m, (64, 48), mode)
+    ref = F.interpolate(torch.from_numpy(m)[None, None], size=(64, 48), mode=torch_mode, align_corners=False)[0, 0]
+    assert ours.shape == (64, 48)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=atol)
+    if mode == "cubic":  # interior agrees tightly; only the border handling differs slightly
+        np.testing.assert_allclose(ours[8:-8, 8:-8], ref.numpy()[8:-8, 8:-8], atol=2e-3)
+
+
+def test_overlay_colours_and_clipping_by_hand():
+    image = np.full((2, 2, 3), 200, dtype=np.uint8)
+    attn = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
+    before = attn.copy(), image.copy()
+    # jet maps 0 to dark blue (0, 0, 128) and 255 to dark red (128, 0, 0) in RGB.
+    out = overlay(image, attn, alpha=1.0, colormap="jet", vmin=1.0, vmax=2.0)
+    np.testing.assert_array_equal(out[0, 0], (0, 0, 128))  # 0 clipped up to vmin
+    np.testing.assert_array_equal(out[0, 1], (0, 0, 128))
+    np.testing.assert_array_equal(out[1, 0], (128, 0, 0))
+    np.testing.assert_array_equal(out[1, 1], (128, 0, 0))  # 3 clipped down to vmax
+    blended = overlay(image, attn, alpha=0.25, colormap="jet", vmin=1.0, vmax=2.0)
+    np.testing.assert_array_equal(blended[0, 0], np.rint(0.75 * 200 + 0.25 * np.array([0, 0, 128])))
+    np.testing.assert_array_equal(blended[1, 1], np.rint(0.75 * 200 + 0.25 * np.array([128, 0, 0])))
+    np.testing.assert_array_equal(overlay(image, attn, alpha=0.0), image)
+    np.testing.assert_array_equal(attn, before[0])  # inputs untouched
+    np.testing.assert_array_equal(image, before[1])
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, attn, alpha=1.5)
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(image.astype(np.float32), attn)
+
+
+def test_overlay_default_scale_is_the_maps_own_range():
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    attn = np.array([[0.25, 0.5], [0.375, 0.75]], dtype=np.float32)
+    own = overlay(image, attn, alpha=1.0, colormap="jet", interpolation="nearest")
+    explicit = overlay(image, attn, alpha=1.0, colormap="jet", vmin=0.25, vmax=0.75, interpolation="nearest")
+    np.testing.assert_array_equal(own, explicit)
+    np.testing.assert_array_equal(own[0, 0], (0, 0, 128))
+    np.testing.assert_allclose(normalize_map(attn, 0.0, 1.0), attn)
+    np.testing.assert_array_equal(normalize_map(np.ones((2, 2))), np.zeros((2, 2)))
+
+
+# --------------------------------------------------------------------------------------------- map indexing
+
+def toy_probs(heads: int, layout: TokenLayout, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = rng.random((heads, layout.num_tokens, layout.num_tokens))
+    return p / p.sum(-1, keepdims=True)
+
+
+def test_cls_attention_maps_by_hand():
+    layout = TokenLayout(num_prefix_tokens=1, grid_size=(2, 3))
+    probs = toy_probs(2, layout)
+    maps = cls_attention_maps(probs, layout)
+    query_maps = cls_attention_maps(probs, layout, query=(1, 2))
+    assert maps.shape == (2, 2, 3)
+    for h in range(2):
+        for r in range(2):
+            for c in range(3):
+                key = 1 + 3 * r + c  # CLS first, then the grid row by row
+                assert maps[h, r, c] == probs[h, 0, key]
+                assert query_maps[h, r, c] == probs[h, 1 + 3 * 1 + 2, key]
+    with pytest.raises(ValueError, match="outside the 2x3 grid"):
+        cls_attention_maps(probs, layout, query=(2, 0))
+    registers = TokenLayout(num_prefix_tokens=3, grid_size=(2, 2))
+    reg_probs = toy_probs(1, registers)
+    np.testing.assert_array_equal(cls_attention_maps(reg_probs, registers)[0].ravel(), reg_probs[0, 0, 3:])
+    np.testing.assert_array_equal(rollout_map(reg_probs[0], registers).ravel(), reg_probs[0, 0, 3:])
+
+
+@pytest.mark.parametrize("fusion,reduce", [("mean", np.mean), ("max", np.max), ("min", np.min)])
+def test_fused_map(fusion, reduce):
+    layout = TokenLayout(num_prefix_tokens=1, grid_size=(2, 2))
+    probs = toy_probs(3, layout, seed=1)
+    expected = reduce(probs[:, 0, 1:], axis=0).reshape(2, 2)
+    np.testing.assert_allclose(fused_map(probs, layout, fusion), expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- divergence
+
+def js_reference(p: list[float], q: list[float]) -> float:
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    kl = lambda x: sum(a * math.log(a / c) for a, c in zip(x, m, strict=True) if a > 0)
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def test_head_divergence_matches_plain_python():
+    layout = TokenLayout(num_prefix_tokens=1, grid_size=(2, 2))
+    s, t = toy_probs(2, layout, seed=2), toy_probs(3, layout, seed=3)
+    s[0, 1] = [0.5, 0.5, 0.0, 0.0, 0.0]  # zeros must not give NaN
+    ours = head_divergence(s, t)
+    assert ours.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            ref = np.mean([js_reference(list(s[i, r]), list(t[j, r])) for r in range(5)])
+            assert ours[i, j] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(head_divergence(t, s), ours.T, atol=1e-12)  # symmetric
+    np.testing.assert_allclose(np.diag(head_divergence(t, t)), 0.0, atol=1e-12)  # zero on identical heads
+    disjoint_p = np.array([[[1.0, 0.0], [1.0, 0.0]]])
+    disjoint_q = np.array([[[0.0, 1.0], [0.0, 1.0]]])
+    assert head_divergence(disjoint_p, disjoint_q)[0, 0] == pytest.approx(math.log(2))
+
+
+# --------------------------------------------------------------------------------------------- analyze_image
+
+def test_analysis_matches_model_forward_and_capture(models, analysis):
+    teacher, t_meta, student, s_meta = models
+    for model, m, result in ((teacher, t_meta, analysis.teacher), (student, s_meta, analysis.student)):
+        x, crop = preprocess(random_image(0), 32, m["mean"], m["std"])
+        np.testing.assert_array_equal(analysis.image_rgb, crop)
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]  # timm's own (fused) forward
+            captured = capture_attention(model, x)
+        top_p, top_i = probs.topk(5)
+        assert [p.index for p in result.top_k] == top_i.tolist()
+        np.testing.assert_allclose([p.prob for p in result.top_k], top_p.numpy(), atol=1e-5)
+        assert [p.name for p in result.top_k] == [CLASSES[i] for i in top_i.tolist()]
+        assert result.predicted == int(probs.argmax())
+        np.testing.assert_allclose(result.probs, probs.numpy(), atol=1e-5)
+        assert result.attn_probs.shape == (2, model.blocks[0].attn.num_heads, 65, 65)
+        for b in range(2):
+            np.testing.assert_allclose(result.attn_probs[b], captured.attn_probs[b][0].numpy(), atol=1e-6)
+        rollout = attention_rollout([captured.attn_probs[b] for b in range(2)])[0]
+        np.testing.assert_allclose(result.rollout, rollout.numpy(), atol=1e-6)
+        np.testing.assert_allclose(recompute_rollout(result, "max", 0.5),
+                                   attention_rollout([captured.attn_probs[b] for b in range(2)], "max", 0.5)[0],
+                                   atol=1e-6)
+    assert analysis.true_label == 3
+    flag = analysis.flag
+    assert flag.agree == (analysis.teacher.predicted == analysis.student.predicted)
+    assert flag.teacher_correct == (analysis.teacher.predicted == 3)
+
+
+def test_class_rollout_matches_gradient_rollout_and_leaves_model_alone(models, analysis):
+    teacher = models[0]
+    ours = class_rollout(teacher, analysis.teacher.inputs, 7)
+    ref = gradient_rollout(teacher, analysis.teacher.inputs, 7)[0]
+    np.testing.assert_allclose(ours, ref.detach().numpy(), atol=1e-6)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    with pytest.raises(ValueError, match="out of range"):
+        class_rollout(teacher, analysis.teacher.inputs, 10)
+
+
+def test_two_threads_on_shared_models_get_their_own_results(models):
+    teacher, t_meta, student, s_meta = models
+    images = [random_image(10), random_image(11, size=(64, 32))]
+    alone = [analyze_image(teacher, t_meta, student, s_meta, img) for img in images]
+    jobs = [images[i % 2] for i in range(12)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(lambda img: analyze_image(teacher, t_meta, student, s_meta, img), jobs))
+    for i, result in enumerate(together):
+        ref = alone[i % 2]
+        np.testing.assert_array_equal(result.image_rgb, ref.image_rgb)
+        for role in ("teacher", "student"):
+            np.testing.assert_allclose(result.model(role).probs, ref.model(role).probs, atol=1e-6)
+            np.testing.assert_allclose(result.model(role).attn_probs, ref.model(role).attn_probs, atol=1e-6)
+    assert not np.allclose(alone[0].teacher.probs, alone[1].teacher.probs)
+
+
+# --------------------------------------------------------------------------------------------- pairs
+
+def save(model, m, path: Path) -> Path:
+    return save_checkpoint(model, m, path)
+
+
+def test_load_pair_and_incompatibilities(tmp_path: Path, models):
+    teacher, t_meta, student, s_meta = models
+    pair = load_pair(save(teacher, t_meta, tmp_path / "t.safetensors"),
+                     save(student, s_meta, tmp_path / "s.safetensors"))
+    assert pair.layout == TokenLayout(1, (8, 8)) and pair.img_size == 32 and pair.class_names == tuple(CLASSES)
+    assert pair.head_map is not None and pair.head_map.to_list() == HEAD_MAP and pair.notes == ()
+
+    coarse = build_model("cifar-student", 10, depth=2, patch_size=8)  # 4x4 grid
+    with pytest.raises(IncompatibleModelsError, match=r"token grids differ.*8x8 patch grid.*4x4 patch grid"):
+        load_pair(tmp_path / "t.safetensors", save(coarse, meta(), tmp_path / "coarse.safetensors"))
+    bigger = build_model("cifar-student", 10, img_size=64, depth=2, patch_size=8)  # also 8x8, but 64 px
+    with pytest.raises(IncompatibleModelsError, match="input sizes differ.*32x32.*64x64"):
+        check_pair(teacher, t_meta, bigger, dict(meta(), img_size=64))
+    five = build_model("cifar-student", 5, depth=2)
+    with pytest.raises(IncompatibleModelsError, match=r"classes differ.*10 classes.*5 classes"):
+        check_pair(teacher, t_meta, five, dict(meta(), class_names=CLASSES[:5]))
+    renamed = dict(s_meta, class_names=CLASSES[:9] + ["other"])
+    with pytest.raises(IncompatibleModelsError, match="classes differ"):
+        check_pair(teacher, t_meta, student, renamed)
+    # A head map naming teacher heads this teacher lacks is dropped with a note, not an error.
+    misfit = check_pair(teacher, t_meta, student, dict(s_meta, head_map=[[5, 0, 1, 0]]))
+    assert misfit.head_map is None and "does not fit" in misfit.notes[0]
+
+
+def test_model_summary(models):
+    teacher, t_meta, student, s_meta = models
+    summary = model_summary(teacher, t_meta)
+    assert summary["blocks"] == 2 and summary["heads"] == 8 and summary["grid"] == [8, 8]
+    assert summary["accuracy"] == 61.5 and summary["kind"] == "supervised" and summary["head_map"] is None
+    assert summary["parameters"] == sum(p.numel() for p in teacher.parameters())
+    assert model_summary(student, s_meta)["head_map"] == "T1.0->S1.0, T1.3->S1.1, T0.2->S0.3"
+
+
+def test_paired_teacher_block():
+    from vitkd.distill import HeadMap, encoder_to_encoder
+
+    head_map = HeadMap.from_list([[4, 0, 2, 0], [4, 1, 2, 1], [5, 0, 3, 0]])
+    assert paired_teacher_block(head_map, 2, 6, 4) == 4
+    assert paired_teacher_block(head_map, 3, 6, 4) == 5
+    # Student blocks the map does not mention fall back to the encoder-to-encoder spacing.
+    encoder = {p.student_block: p.teacher_block for p in encoder_to_encoder(6, 4, 1).pairs}
+    assert paired_teacher_block(head_map, 0, 6, 4) == encoder[0]
+    assert [paired_teacher_block(None, s, 6, 4) for s in range(4)] == [encoder[s] for s in range(4)]
+
+
+# --------------------------------------------------------------------------------------------- agreement, views, export
+
+def test_pair_divergences_and_rank(analysis):
+    rows = pair_divergences(analysis)
+    assert [(r["teacher_block"], r["teacher_head"], r["student_block"], r["student_head"]) for r in rows] == [
+        tuple(p) for p in HEAD_MAP]
+    for r in rows:
+        matrix = head_divergence(analysis.student.attn_probs[r["student_block"]],
+                                 analysis.teacher.attn_probs[r["teacher_block"]])
+        row = matrix[r["student_head"]]
+        assert r["js"] == pytest.approx(row[r["teacher_head"]], rel=1e-9)
+        assert r["rank"] == 1 + sorted(row.tolist()).index(row[r["teacher_head"]])
+        assert r["teacher_heads"] == 8
+
+
+def test_compare_heads_captions_and_shared_scale(analysis):
+    comp = compare_heads(analysis, teacher_block=1, student_block=1, alpha=0.5, colormap="viridis", scale="shared",
+                         size=64)
+    assert len(comp.teacher) == 8 and len(comp.student) == 4
+    assert comp.student[1].caption == "S1.h1 <- taught by T1.h3" and comp.student[1].highlighted
+    assert comp.teacher[3].caption == "T1.h3 -> S1.h1" and comp.teacher[3].highlighted
+    assert comp.student[2].caption == "S1.h2" and not comp.student[2].highlighted
+    t_maps = cls_attention_maps(analysis.teacher.attn_probs[1], analysis.layout)
+    s_maps = cls_attention_maps(analysis.student.attn_probs[1], analysis.layout)
+    lo, hi = min(t_maps.min(), s_maps.min()), max(t_maps.max(), s_maps.max())
+    big = enlarge_image(analysis.image_rgb, 64)
+    np.testing.assert_array_equal(comp.student[2].image, overlay(big, s_maps[2], 0.5, "viridis", lo, hi))
+    np.testing.assert_array_equal(comp.teacher[5].image, overlay(big, t_maps[5], 0.5, "viridis", lo, hi))
+    per_model = compare_heads(analysis, 1, 1, scale="model", size=64, colormap="viridis")
+    np.testing.assert_array_equal(per_model.student[2].image,
+                                  overlay(big, s_maps[2], 0.5, "viridis", s_maps.min(), s_maps.max()))
+    fused = compare_heads(analysis, 0, 1, head_fusion="max", query=(2, 3), size=64)
+    assert len(fused.teacher) == len(fused.student) == 1
+    png = comparison_png(comp)
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape[1] >= 8 * 64 and decoded.shape[0] >= 2 * 64
+
+
+def test_mark_patch_frames_the_query_patch(analysis):
+    plain = enlarge_image(analysis.image_rgb, 64)
+    marked = mark_patch(analysis.image_rgb, analysis.layout, (1, 2), 64)
+    changed = np.argwhere((marked != plain).any(axis=-1))
+    assert changed[:, 0].min() == 8 and changed[:, 0].max() == 15  # row 1 of an 8x8 grid on 64 px
+    assert changed[:, 1].min() == 16 and changed[:, 1].max() == 23
+    np.testing.assert_array_equal(mark_patch(analysis.image_rgb, analysis.layout, None, 64), plain)
+
+
+def test_flag_predictions():
+    assert flag_predictions(1, 1).status == "agree"
+    assert flag_predictions(1, 2).status == "disagree"
+    assert flag_predictions(1, 2, 1).status == "student-wrong"
+    assert flag_predictions(1, 2, 2).status == "teacher-wrong"
+    assert flag_predictions(1, 2, 3).status == "both-wrong"
+    assert flag_predictions(3, 3, 3).status == "both-right"
+    assert "student is wrong" in flag_predictions(1, 2, 1).message()
+
+
+def test_json_and_csv_export_round_trip(analysis):
+    doc = json.loads(analysis_to_json(analysis, "x.png"))
+    assert doc["image"] == "x.png" and doc["true_class"] == "class3"
+    assert doc["teacher"]["predicted"] == analysis.teacher.predicted
+    np.testing.assert_allclose(doc["student"]["probs"], analysis.student.probs, atol=1e-6)
+    maps = np.array(doc["teacher"]["cls_attention"])
+    assert maps.shape == (2, 8, 8, 8)
+    np.testing.assert_allclose(maps[1], cls_attention_maps(analysis.teacher.attn_probs[1], analysis.layout),
+                               atol=1e-6)
+    assert [r["js"] for r in doc["pair_divergence"]] == pytest.approx([r["js"] for r in pair_divergences(analysis)],
+                                                                      abs=1e-6)
+    rows = list(csv.DictReader(io.StringIO(analysis_to_csv(analysis))))
+    for role in ("teacher", "student"):
+        probs = [float(r["value"]) for r in rows if r["quantity"] == "probability" and r["model"] == role]
+        assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert len([r for r in rows if r["quantity"] == "pair_js"]) == len(HEAD_MAP)

@@ -1,0 +1,267 @@
+"""The Explore page through Streamlit's AppTest, on tiny generated checkpoints: examples, uploads (good and bad),
+images sent from other pages, model switches, broken checkpoints and incompatible pairs; plus server config."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import app.common as common
+from vitkd.analysis import analyze_pair, load_pair, pair_divergences
+from vitkd.checkpoint import save_checkpoint
+from vitkd.images import load_image
+from vitkd.models import build_model
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+HEAD_MAP = [[1, h, 1, h] for h in range(4)] + [[0, 0, 0, 2]]
+TIMEOUT = 60
+
+
+def sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for blk in model.blocks:
+            dim = blk.attn.qkv.weight.shape[1]
+            blk.attn.qkv.weight[: 2 * dim] *= 5.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-teacher, a distilled and a baseline student, an incompatible 4x4-grid student, two broken files."""
+    folder = tmp_path_factory.mktemp("app_ckpts")
+    torch.manual_seed(0)
+    meta = dict(class_names=CIFAR, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], img_size=32, data="cifar10",
+                epoch=1, metrics={"accuracy": 42.0})
+    save_checkpoint(sharpen(build_model("cifar-teacher", 10, depth=2)), dict(meta, kind="supervised"),
+                    folder / "tiny-teacher.safetensors")
+    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2)), dict(meta, kind="distilled",
+                                                                              head_map=HEAD_MAP),
+                    folder / "tiny-student-distilled.safetensors")
+    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2)), dict(meta, kind="supervised"),
+                    folder / "tiny-student-baseline.safetensors")
+    save_checkpoint(build_model("cifar-student", 10, depth=2, patch_size=8), dict(meta, kind="supervised"),
+                    folder / "coarse-student.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"not a checkpoint at all")
+    good = (folder / "tiny-student-baseline.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    return folder
+
+
+@pytest.fixture()
+def app_env(ckpt_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Only the tiny checkpoints are visible: bundled folder and runs folder point at empty temp dirs."""
+    empty = tmp_path / "bundled"
+    empty.mkdir()
+    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", empty)
+    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(ckpt_dir))
+    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
+    threads = torch.get_num_threads()
+    yield ckpt_dir
+    torch.set_num_threads(threads)  # the entrypoint sets the server's thread count; other tests keep theirs
+
+
+def start(teacher: Path | None = None, student: Path | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    if teacher is not None:
+        at.session_state[common.TEACHER_KEY] = str(teacher)
+    if student is not None:
+        at.session_state[common.STUDENT_KEY] = str(student)
+    return at.run()
+
+
+def chart_titles(at: AppTest) -> list[str]:
+    return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")
+            if "title" in json.loads(c.proto.spec)["layout"]]
+
+
+def expected_titles(folder: Path, student: str, image_bytes: bytes) -> list[str]:
+    """What the page should show, computed with the library directly (no Streamlit)."""
+    pair = load_pair(folder / "tiny-teacher.safetensors", folder / student)
+    result = analyze_pair(pair, load_image(image_bytes))
+    return [f"{role}: {r.top_k[0].name} ({r.top_k[0].prob:.1%})"
+            for role, r in (("Teacher", result.teacher), ("Student", result.student))]
+
+
+def png_bytes(size=(40, 40), seed=0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main_errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.main.error]
+
+
+# --------------------------------------------------------------------------------------------- page behaviour
+
+def test_example_predictions_views_and_errors(app_env: Path):
+    at = start()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Explore attention"]
+    sidebar = {s.label: s.value for s in at.sidebar.selectbox}
+    assert sidebar["Teacher"] == str(app_env / "tiny-teacher.safetensors")
+    assert sidebar["Student"] == str(app_env / "tiny-student-distilled.safetensors")  # the distilled one by default
+    # Both unreadable files are reported in the sidebar; the app still works.
+    sidebar_errors = " ".join(e.value for e in at.sidebar.error)
+    assert "broken.safetensors" in sidebar_errors and "truncated.safetensors" in sidebar_errors
+    assert main_errors(at) == []
+
+    first = common.examples()[0]
+    assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors",
+                                                   first.path.read_bytes())
+    assert any(f"true class: **{first.label}**" in c.value for c in at.caption)
+    assert any("badge[" in m.value for m in at.markdown)
+    # Distilled-pair table equals the library's numbers for this image.
+    pair = load_pair(app_env / "tiny-teacher.safetensors", app_env / "tiny-student-distilled.safetensors")
+    ref = pair_divergences(analyze_pair(pair, load_image(first.path.read_bytes()), CIFAR.index(first.label)))
+    table = at.dataframe[0].value
+    np.testing.assert_allclose(table["JS divergence"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
+    assert list(table["student head"]) == [f"S{r['student_block']}.h{r['student_head']}" for r in ref]
+
+    cat = next(e for e in common.examples() if e.label == "cat")
+    at.button(key=f"explore_ex_{cat.name}").click().run()
+    assert not at.exception
+    assert any(f"**{cat.name}**" in c.value and "true class: **cat**" in c.value for c in at.caption)
+    assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors",
+                                                   cat.path.read_bytes())
+
+    # Other views: fused heads, a query patch, another block, class rollout for a chosen class.
+    at.segmented_control(key="explore_view").set_value("max").run()
+    at.segmented_control(key="explore_query_kind").set_value("patch").run()
+    at.selectbox(key="explore_sblock").set_value(0).run()
+    assert at.selectbox(key="explore_tblock").value == 0  # follows the head map: S0 was taught by T0
+    assert at.number_input(key="explore_qrow").value == 4  # the middle of the 8x8 grid
+    at.number_input(key="explore_qrow").set_value(7).run()
+    at.segmented_control(key="explore_target").set_value("chosen").run()
+    teacher_top = chart_titles(at)[0].split(": ")[1].split(" (")[0]  # "Teacher: cat (12.3%)"
+    assert at.selectbox(key="explore_class").value == CIFAR.index(teacher_top)  # defaults to its prediction
+    at.selectbox(key="explore_class").set_value(5).run()
+    assert not at.exception and main_errors(at) == [] and not at.warning
+
+
+def test_model_switch_and_incompatible_pair(app_env: Path):
+    # Switching the student in the sidebar re-analyses the image with the new pair.
+    at = start()
+    at.sidebar.selectbox(key=common.STUDENT_KEY).set_value(str(app_env / "tiny-student-baseline.safetensors")).run()
+    assert not at.exception
+    assert any("no head map" in i.value for i in at.info)
+    assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-baseline.safetensors",
+                                                   common.examples()[0].path.read_bytes())
+    # (AppTest 1.67 drops entrypoint-drawn sidebar elements after the first run of a multipage app, so the
+    # sidebar's own messages are checked on fresh sessions below.)
+    at = start(student=app_env / "coarse-student.safetensors")
+    assert not at.exception
+    errors = " ".join(e.value for e in at.sidebar.error)
+    assert "token grids differ" in errors and "8x8" in errors and "4x4" in errors
+    assert any("compatible teacher and student" in i.value for i in at.main.info)
+    assert not at.get("plotly_chart")
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG written by hand: a few KB on disk, width*height pixels decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    body = zlib.compress(b"\x00" * ((1 + (width + 7) // 8) * height), 9)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_uploads_each_get_an_error_and_good_ones_still_work(app_env: Path):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    one_pixel = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(one_pixel, "PNG")
+    good = png_bytes((40, 56), seed=5)
+    files = [
+        ("notes.png", b"just some text, not an image", "image/png"),
+        ("cut.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "image/jpeg"),
+        ("empty.png", b"", "image/png"),
+        ("dot.png", one_pixel.getvalue(), "image/png"),
+        ("huge.png", huge_png(10_000, 10_000), "image/png"),
+        ("good.png", good, "image/png"),
+    ]
+    at = start()
+    at.file_uploader(key="explore_uploads").set_value(files).run()
+    assert not at.exception
+    errors = main_errors(at)
+    expected = {"notes.png": "not an image", "cut.jpg": "truncated or corrupt", "empty.png": "0 bytes",
+                "dot.png": "1x1 pixels", "huge.png": "50 megapixel limit"}
+    for name, message in expected.items():
+        assert any(f"**{name}**" in e and message in e for e in errors), (name, errors)
+    assert len(errors) == len(expected)
+    # The good upload (the newest file) is the one analysed.
+    assert any("**good.png**" in c.value and "true class unknown" in c.value for c in at.caption)
+    assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors", good)
+    assert set(at.radio(key="explore_choice").options) == {"good.png", common.examples()[0].name}
+
+
+def test_image_sent_from_another_page(app_env: Path):
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    data = png_bytes((36, 50), seed=3)
+    at.session_state[common.EXPLORE_IMAGE_KEY] = {"name": "from-scan.png", "bytes": data, "label": 3}
+    at.run()
+    assert not at.exception
+    assert any("**from-scan.png**" in c.value and "true class: **cat**" in c.value for c in at.caption)
+    assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors", data)
+    assert common.EXPLORE_IMAGE_KEY not in at.session_state  # consumed once
+
+    at.session_state[common.EXPLORE_IMAGE_KEY] = {"name": "empty.png", "bytes": b"", "label": None}
+    at.run()
+    assert not at.exception
+    assert any("empty.png" in e and "0 bytes" in e for e in main_errors(at))
+
+
+def test_no_checkpoints_gives_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")  # leave this process's thread count alone
+    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
+    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(tmp_path / "also-none"))
+    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("No checkpoints found" in i.value and "VITKD_CHECKPOINT_DIRS" in i.value for i in at.sidebar.info)
+    assert any("compatible teacher and student" in i.value for i in at.main.info)
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+def test_server_config_precedence(tmp_path: Path):
+    env = {"VITKD_CHECKPOINT_DIRS": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]),
+           "VITKD_DATA_ROOTS": str(tmp_path / "data"), "VITKD_ENABLE_TRAINING": "0"}
+    config = common.parse_server_config(["-x", "tests/foo.py", "--checkpoint-dir", str(tmp_path / "c")], env, 20)
+    assert config.checkpoint_dirs == (common.BUNDLED_CHECKPOINTS, tmp_path / "c", tmp_path / "a", tmp_path / "b")
+    assert config.data_roots == (tmp_path / "data", common.EXAMPLES_DIR)
+    assert config.training_enabled is False and config.max_upload_mb == 20
+    assert config.runs_dir == common.DEFAULT_RUNS_DIR
+    assert common.parse_server_config(["--enable-training"], env).training_enabled is True
+    assert common.parse_server_config([], {}).training_enabled is True  # default on; Docker sets 0
+    assert common.parse_server_config(["--disable-training"], {}).training_enabled is False
+    assert common.parse_server_config(["--checkpoint-dir"], {}).checkpoint_dirs == (common.BUNDLED_CHECKPOINTS,)
+    assert config.torch_threads == 1
+    assert common.parse_server_config(["--torch-threads", "4"], {"VITKD_TORCH_THREADS": "2"}).torch_threads == 4
+    assert common.parse_server_config([], {"VITKD_TORCH_THREADS": "0"}).torch_threads == 0
+
+
+def test_listing_includes_finished_runs_and_skips_state_files(tmp_path: Path, ckpt_dir: Path):
+    runs = tmp_path / "runs"
+    (runs / "r1").mkdir(parents=True)
+    (runs / "r1" / "last.safetensors").write_bytes((ckpt_dir / "tiny-teacher.safetensors").read_bytes())
+    (runs / "r1" / "last.state.safetensors").write_bytes(b"state")
+    (runs / "r2").mkdir()  # an unfinished run: nothing to list
+    config = common.ServerConfig((tmp_path / "nothing",), (), True, runs, 20)
+    entries = common.list_checkpoints(config)
+    assert [(e.label, e.error) for e in entries] == [("runs/r1/last", None)]
+    assert entries[0].meta["class_names"] == CIFAR

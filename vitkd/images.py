@@ -1,0 +1,126 @@
+"""User images in, model inputs out: safe decoding of whatever a user drops in, and the crop the model sees.
+
+``load_image`` reads only the header before deciding whether to decode, so a huge or
+malicious file is rejected without allocating its pixels. Everything a user can get
+wrong raises ``ImageError`` with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .data import normalize, resize_center_crop
+from .errors import ImageError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "Preprocessed", "load_image", "to_rgb", "preprocess"]
+
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: a large photo; ~150 MB decoded, still bounded
+MIN_SIDE = 8  # below this an image carries no usable content for a patch grid
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class Preprocessed(NamedTuple):
+    """``tensor`` [1, 3, S, S] normalised model input and ``rgb`` [S, S, 3] uint8: the crop it came from."""
+
+    tensor: torch.Tensor
+    rgb: np.ndarray
+
+
+def _describe(source: bytes | str | Path) -> str:
+    return "uploaded image" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = MIN_SIDE) -> Image.Image:
+    """Decode an image file or its bytes to an 8-bit RGB ``PIL.Image`` (EXIF orientation applied).
+
+    Rejects, with ``ImageError``: empty files, non-images, truncated files, images with a side
+    below ``min_side`` and images above ``max_pixels`` (checked from the header, before decoding).
+    GIFs and other multi-frame files give their first frame.
+    """
+    what = _describe(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{path}: no such image file")
+        data = path.read_bytes()
+    if not data:
+        raise ImageError(f"{what} is empty (0 bytes): choose an image file (PNG, JPEG, WebP, BMP or GIF)")
+    try:
+        image = Image.open(io.BytesIO(data))  # parses the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{what} is too large to open safely ({exc}); the limit is "
+                         f"{max_pixels / 1e6:g} megapixels: downscale it first") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{what} is not an image PIL can read (PNG, JPEG, WebP, BMP, GIF, TIFF...)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{what} has a corrupt header ({exc})") from exc
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{what} is {width}x{height} ({width * height / 1e6:.1f} megapixels), above the "
+                             f"{max_pixels / 1e6:g} megapixel limit: downscale it first")
+        if min(width, height) < min_side:
+            raise ImageError(f"{what} is {width}x{height} pixels; images need at least {min_side} pixels "
+                             "on each side")
+        try:
+            image.seek(0)  # first frame of a GIF / multi-frame file
+            image.load()  # decode now: truncated data raises here, not later in a page
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{what} is too large to decode safely ({exc})") from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError(f"{what} is truncated or corrupt and cannot be decoded ({exc})") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: alpha is composited on white, 16-bit greyscale is scaled to 8 bits.
+
+    PIL's own ``convert`` clips 16-bit values at 255 (almost all white), hence the explicit scaling.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        # "I" is how 16-bit PNG/TIFF greyscale reaches older Pillow: treat it as 0..65535.
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(np.clip(values, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    elif mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    elif mode == "L" or mode == "1":
+        image = image.convert("RGB")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, F (clipped to 0..255), RGB copies
+
+
+def preprocess(image: Image.Image | np.ndarray, img_size: int, mean: tuple[float, ...] | list[float],
+               std: tuple[float, ...] | list[float]) -> Preprocessed:
+    """Resize the shorter side to ``img_size``, centre-crop, normalise: exactly what training's data path does.
+
+    Returns the model input [1, 3, S, S] and the uint8 crop [S, S, 3], so attention maps
+    overlay the pixels the model actually saw.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a uint8 [H, W, 3] array, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif image.mode != "RGB":
+        image = to_rgb(image)
+    crop = np.asarray(resize_center_crop(image, int(img_size)), dtype=np.uint8).copy()
+    chw = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
+    return Preprocessed(tensor=normalize(chw, tuple(mean), tuple(std)), rgb=crop)
