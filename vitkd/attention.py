@@ -56,7 +56,8 @@ def check_supported(model: torch.nn.Module) -> VisionTransformer:
     for idx, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise IncompatibleModelsError(
-                f"{type(model).__name__} block {idx} is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                f"{type(model).__name__} block {idx} is {type(blk).__name__} "
+                f"with {type(getattr(blk, 'attn', None)).__name__}; "
                 "vitkd supports timm's standard Block with Attention"
             )
     return model

@@ -151,9 +151,10 @@ def parse_head_map(spec: str, teacher_depth: int, teacher_heads: int, student_de
             t_blocks.append(int(m.group(1)))
             s_blocks.append(int(m.group(2)))
             heads = [int(h) for h in m.group(3).split(",")] if m.group(3) else None
-            if heads_seen is not None and heads != heads_seen:
-                raise ConfigError(f"{spec!r}: give one teacher-head list for all block pairs")
-            heads_seen = heads
+            if heads is not None:  # one teacher-head list, written on any one pair, applies to all
+                if heads_seen is not None and heads != heads_seen:
+                    raise ConfigError(f"{spec!r}: give one teacher-head list for all block pairs")
+                heads_seen = heads
         if not t_blocks:
             raise ConfigError(f"bad head map {spec!r}: no block pairs after 'block:'")
         head_map = block_to_block(t_blocks, s_blocks, student_heads, heads_seen)
@@ -174,8 +175,23 @@ def gather_heads(attn_logits: dict[int, torch.Tensor], pairs: Sequence[HeadPair]
     """Stack the mapped heads of one side (``teacher`` or ``student``) into [B, P, T, T], in pair order."""
     if side not in ("teacher", "student"):
         raise ValueError(side)
-    maps = [attn_logits[getattr(p, f"{side}_block")][:, getattr(p, f"{side}_head")] for p in pairs]
-    return torch.stack(maps, dim=1)
+    # One index_select per run of consecutive pairs from the same block: in the backward pass
+    # this scatters into each block's gradient once instead of once per head.
+    runs: list[tuple[int, list[int]]] = []
+    for p in pairs:
+        block, head = getattr(p, f"{side}_block"), getattr(p, f"{side}_head")
+        if runs and runs[-1][0] == block:
+            runs[-1][1].append(head)
+        else:
+            runs.append((block, [head]))
+    parts = []
+    for block, heads in runs:
+        scores = attn_logits[block]
+        if heads == list(range(scores.shape[1])):
+            parts.append(scores)
+        else:
+            parts.append(scores.index_select(1, torch.tensor(heads, device=scores.device)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,

@@ -36,7 +36,7 @@ def _discard_lowest(fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
     flat = fused.reshape(B, T * T).clone()
     candidates = flat.clone()
     candidates.view(B, T, T)[:, :, 0] = float("inf")  # protect the CLS column from being picked
-    k = int(T * T * discard_ratio)
+    k = min(int(T * T * discard_ratio), T * (T - 1))  # at most every non-CLS entry
     if k > 0:
         _, idx = candidates.topk(k, dim=-1, largest=False)
         flat.scatter_(1, idx, 0.0)

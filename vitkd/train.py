@@ -301,6 +301,10 @@ def train(
                     "epoch": epoch, "epochs": config.epochs, "batch": batch_idx + 1,
                     "batches": steps_per_epoch, "loss": loss.item(), "time": time.time()})
         bar.close()
+        if world_size > 1:  # train_* metrics average every rank's batches, not only rank 0's share
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            sums = {key: total / world_size for key, total in zip(sums, totals.tolist(), strict=True)}
         eval_metrics = evaluate(student, test_data, config.eval_batch_size, device, rank, world_size)
         epoch_time = time.time() - epoch_start
         wall = wall_before + (time.time() - run_start)
