@@ -3,6 +3,5 @@
 set -e
 cd "$(dirname "$0")/.."
 P=${PYTHON:-.venv/bin/python}
-$P -m vitkd experiment configs/cifar10.yaml --only teacher student-baseline --threads 2
 $P -m vitkd experiment configs/imagenette.yaml --threads 2
 $P -m vitkd experiment configs/cifar10.yaml --threads 2
