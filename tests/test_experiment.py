@@ -48,7 +48,7 @@ def test_experiment_runs_skips_and_bundles(tmp_path: Path, image_folder: Path) -
     assert saved == results
     table = (tmp_path / "runs" / "results.md").read_text()
     assert table == results_table(saved)  # the table regenerates from the JSON alone
-    assert f"| distilled | kl | block:1->1 | 0.5 |" in table
+    assert "| distilled | kl | block:1->1 | 0.5 |" in table
 
     # The bundle holds the teacher, the seed-0 baseline and the best distilled student, bit for bit.
     for role, run in (("teacher", "teacher"), ("student-baseline", "baseline"), ("student-distilled", "distilled")):

@@ -8,8 +8,8 @@ concurrent calls on one shared model never see each other's tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F

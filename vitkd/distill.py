@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ GATES: tuple[str, ...] = ("none", "teacher-correct")
 
 @dataclass(frozen=True)
 class HeadPair:
-    """Teacher head ``teacher_head`` of block ``teacher_block`` teaches student ``student_head`` of ``student_block``."""
+    """Head ``teacher_head`` of teacher block ``teacher_block`` teaches ``student_head`` of ``student_block``."""
 
     teacher_block: int
     teacher_head: int
@@ -57,7 +58,7 @@ class HeadMap:
         return sorted({p.student_block for p in self.pairs})
 
     def validate(self, teacher_depth: int, teacher_heads: int, student_depth: int, student_heads: int,
-                 teacher_tokens: int | None = None, student_tokens: int | None = None) -> "HeadMap":
+                 teacher_tokens: int | None = None, student_tokens: int | None = None) -> HeadMap:
         """Check every index against the two models; raise ``ConfigError`` naming the first bad pair."""
         if teacher_tokens is not None and student_tokens is not None and teacher_tokens != student_tokens:
             raise IncompatibleModelsError(
@@ -76,7 +77,7 @@ class HeadMap:
         return [[p.teacher_block, p.teacher_head, p.student_block, p.student_head] for p in self.pairs]
 
     @classmethod
-    def from_list(cls, rows: Iterable[Sequence[int]]) -> "HeadMap":
+    def from_list(cls, rows: Iterable[Sequence[int]]) -> HeadMap:
         try:
             return cls(tuple(HeadPair(*(int(v) for v in row)) for row in rows))
         except TypeError as exc:
@@ -109,7 +110,7 @@ def block_to_block(teacher_blocks: Sequence[int], student_blocks: Sequence[int],
     if len(set(heads)) != len(heads):
         raise ConfigError(f"teacher heads {heads} repeat a head")
     return HeadMap(tuple(HeadPair(int(t), th, int(s), sh)
-                         for t, s in zip(teacher_blocks, student_blocks) for sh, th in enumerate(heads)))
+                         for t, s in zip(teacher_blocks, student_blocks, strict=True) for sh, th in enumerate(heads)))
 
 
 def encoder_to_encoder(teacher_depth: int, student_depth: int, num_student_heads: int,

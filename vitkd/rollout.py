@@ -6,7 +6,7 @@ cached model is never mutated (no ``.backward()`` into its ``.grad``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -81,7 +81,7 @@ def gradient_rollout(model: torch.nn.Module, images: torch.Tensor,
         grads = torch.autograd.grad(score, [out.attn_probs[b] for b in blocks])
     T = out.attn_probs[blocks[0]].shape[-1]
     relevance = torch.eye(T, device=images.device).expand(B, T, T).clone()
-    for b, grad in zip(blocks, grads):
+    for b, grad in zip(blocks, grads, strict=True):
         cam = (out.attn_probs[b].detach() * grad.clamp(min=0)).mean(dim=1)
         relevance = relevance + cam @ relevance
     return relevance
