@@ -21,6 +21,9 @@ GALLERY_COLUMNS = 6
 GALLERY_MAX = 36  # thumbnails per group; the table and the CSV hold every image
 THUMB = 96  # px
 SORTS = {"most divergent first": True, "least divergent first": False}
+SHORT_TITLES = {"teacher_right_student_wrong": "Only teacher right",
+                "student_right_teacher_wrong": "Only student right", "both_wrong": "Both wrong",
+                "both_right": "Both right"}
 
 
 def split_choices(config: common.ServerConfig) -> dict[str, tuple[str, str | None]]:
@@ -66,9 +69,17 @@ def scan_cached(pair_key: str, folder: str, version: tuple[int, ...], labels_jso
     return result
 
 
-def table(result: ScanResult) -> list[dict[str, object]]:
+def _short_name(path: str, folder: str) -> str:
+    """The image's path inside the scanned folder (``cat/0001.png``): file names repeat across classes."""
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def table(result: ScanResult, folder: str) -> list[dict[str, object]]:
     rows = sorted(result.rows, key=lambda r: r.divergence, reverse=True)
-    return [{"image": Path(r.path).name, "true": r.label_name, "teacher": r.teacher_pred_name,
+    return [{"image": _short_name(r.path, folder), "true": r.label_name, "teacher": r.teacher_pred_name,
              "teacher p": round(r.teacher_conf, 4), "student": r.student_pred_name,
              "student p": round(r.student_conf, 4), "group": GROUP_TITLES[r.group],
              "attention JS (bits)": round(r.divergence, 5), "path": r.path} for r in rows]
@@ -153,11 +164,11 @@ def main() -> None:
     metrics[1].metric("Teacher accuracy", f"{result.teacher_accuracy:.1f} %")
     metrics[2].metric("Student accuracy", f"{result.student_accuracy:.1f} %")
     for col, group in zip(metrics[3:], GROUPS[:3], strict=True):
-        col.metric(GROUP_TITLES[group], result.counts[group])
+        col.metric(SHORT_TITLES[group], result.counts[group], help=GROUP_TITLES[group])
 
     st.subheader("All images")
     st.caption("Sorted by attention divergence; click a column to re-sort, select a row to open it in Explore.")
-    records = table(result)
+    records = table(result, folder)
     selection = st.dataframe(records, hide_index=True, on_select="rerun", selection_mode="single-row",
                              key="misc_table", column_config={"path": None})
     st.download_button("Download CSV", result.to_csv(), "misclassifications.csv", "text/csv", on_click="ignore",

@@ -124,7 +124,10 @@ def job_panel(runs_dir: Path) -> None:
 
 
 def teacher_choices() -> dict[str, common.CheckpointEntry]:
-    return {e.path: e for e in common.list_checkpoints() if e.meta is not None}
+    """Readable checkpoints, likely teachers first: named teacher, then trained on labels (no head map)."""
+    entries = [e for e in common.list_checkpoints() if e.meta is not None]
+    entries.sort(key=lambda e: ("teacher" not in e.label, bool((e.meta or {}).get("head_map"))))
+    return {e.path: e for e in entries}
 
 
 def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[str, Any] | None, list[str]]:
@@ -133,7 +136,8 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
         st.info("No teacher checkpoints found: train a teacher first (choose 'Train on labels only').")
         return None, []
     paths = list(teachers)
-    common.ensure_choice("train_teacher", paths, paths[0])
+    picked = st.session_state.get(common.TEACHER_KEY)  # the sidebar's teacher, if it can teach
+    common.ensure_choice("train_teacher", paths, picked if picked in teachers else paths[0])
     teacher_path = st.selectbox("Teacher checkpoint", paths, format_func=lambda p: teachers[p].label,
                                 key="train_teacher")
     teacher = teachers[teacher_path]
@@ -233,7 +237,8 @@ def main() -> None:
             st.error(str(exc))
             problems.append(str(exc))
     if args is not None:
-        st.caption("Command: `python -m vitkd " + " ".join(args) + " --out RUN_DIR`")
+        with st.expander("Command line"):
+            st.code("python -m vitkd " + " ".join(args) + " --out RUN_DIR", language="bash", wrap_lines=True)
     if running is not None:
         st.caption(f"Run **{running.name}** is in progress; one run at a time per server.")
     start = st.button("Start training", type="primary", key="train_start",

@@ -1,0 +1,134 @@
+"""End to end in headless Chromium: a real ``streamlit run`` server, uploads through the page's file input.
+
+Checks that an uploaded image's predictions and maps render without an exception box, and that
+two browser sessions uploading different images each see their own. Expected predictions are
+computed here, independently of the server, from the pair the server picks by default.
+Skipped only outside CI when Chromium is missing; in CI (``CI=true``) a missing Chromium fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("vitkd_screenshot", REPO_ROOT / "scripts" / "screenshot.py")
+driver = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(driver)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    if not Path(driver.CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Chromium not found at {driver.CHROMIUM}: the browser test must run in CI")
+        pytest.skip(f"Chromium not found at {driver.CHROMIUM}")
+    return driver.CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(chromium_path: str, tiny_pair, tmp_path_factory: pytest.TempPathFactory):
+    """The app on a free port, seeing the tiny checkpoint pair (plus whatever checkpoints/ bundles)."""
+    root = tmp_path_factory.mktemp("browser")
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(tiny_pair.teacher, checkpoints / "tiny-teacher.safetensors")
+    shutil.copy(tiny_pair.student, checkpoints / "tiny-student.safetensors")
+    env = dict(os.environ, VITKD_CHECKPOINT_DIRS=str(checkpoints), VITKD_RUNS_DIR=str(root / "runs"),
+               VITKD_ENABLE_TRAINING="0")
+    env.pop("VITKD_DATA_ROOTS", None)
+    with driver.streamlit_server(env, root / "server.log") as url:
+        yield url, env
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: str):
+    with driver.chromium() as instance:
+        yield instance
+
+
+def _write_image(path: Path, color: tuple[int, int, int], seed: int) -> Path:
+    """A 48x40 photo-like image (not the model's 32 px, so the page has to resize and crop it)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.asarray(color, dtype=np.float64) + rng.normal(0, 25, size=(40, 48, 3)), 0, 255)
+    pixels[10:22, 14:30] = 250
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def _expected_titles(env: dict[str, str], image: Path) -> dict[str, tuple[str, float]]:
+    """Top-1 (class, probability) per model for the pair the server shows by default, computed here."""
+    from app.common import default_pair, list_checkpoints, parse_server_config
+    from vitkd.analysis import analyze_pair, load_pair
+    from vitkd.images import load_image
+
+    config = parse_server_config([], env)
+    teacher, student = default_pair([e for e in list_checkpoints(config) if e.error is None])
+    analysis = analyze_pair(load_pair(teacher.path, student.path), load_image(image))
+    return {role: (result.top_k[0].name, float(result.top_k[0].prob))
+            for role, result in (("Teacher", analysis.teacher), ("Student", analysis.student))}
+
+
+def _check_predictions(page, expected: dict[str, tuple[str, float]]) -> None:
+    shown = driver.prediction_titles(page)
+    assert set(shown) == {"Teacher", "Student"}, shown
+    for role, (name, prob) in expected.items():
+        shown_name, shown_prob = shown[role].rsplit(" (", 1)
+        assert shown_name == name, (role, shown[role], expected)
+        assert float(shown_prob.rstrip("%)")) == pytest.approx(100 * prob, abs=0.11)
+
+
+def _no_exception(page) -> None:
+    boxes = page.locator(driver.EXCEPTION)
+    assert boxes.count() == 0, boxes.first.inner_text()
+
+
+def test_upload_renders_predictions_and_maps(server, browser, tmp_path: Path) -> None:
+    url, env = server
+    image = _write_image(tmp_path / "upload-red.png", (200, 40, 40), seed=1)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        driver.open_app(page, url)
+        _no_exception(page)
+        driver.start_upload(page, image)
+        driver.wait_for_image(page, image.name)
+        _no_exception(page)
+        _check_predictions(page, _expected_titles(env, image))
+        # The head maps: one tile per teacher and student head of the shown blocks, all decoded images.
+        assert page.locator('[data-testid="stImage"] img').count() >= 8
+        assert page.get_by_text("Student, block").count() >= 1
+        page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+    finally:
+        page.close()
+
+
+def test_two_sessions_each_see_their_own_image(server, browser, tmp_path: Path) -> None:
+    url, env = server
+    images = [_write_image(tmp_path / "session-a-red.png", (200, 40, 40), seed=2),
+              _write_image(tmp_path / "session-b-blue.png", (40, 40, 200), seed=3)]
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in images]
+    try:
+        pages = [context.new_page() for context in contexts]
+        for page in pages:
+            driver.open_app(page, url)
+        for page, image in zip(pages, images, strict=True):  # both uploads in flight at once
+            driver.start_upload(page, image)
+        for page, image in zip(pages, images, strict=True):
+            driver.wait_for_image(page, image.name)
+        for page, image, other in zip(pages, images, images[::-1], strict=True):
+            _no_exception(page)
+            text = page.inner_text("body")
+            assert f"{image.name} (" in text and other.name not in text
+            _check_predictions(page, _expected_titles(env, image))
+            page.screenshot(path=str(tmp_path / f"{image.stem}.png"), full_page=True)
+    finally:
+        for context in contexts:
+            context.close()

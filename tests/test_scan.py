@@ -1,0 +1,184 @@
+"""Misclassification scan vs an independent reference: timm's unfused forward, a numpy rollout and JS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkd.checkpoint import load_checkpoint, save_checkpoint
+from vitkd.errors import ConfigError, IncompatibleModelsError
+from vitkd.models import build_model
+from vitkd.scan import GROUPS, list_labelled_images, scan_split
+
+CLASS_NAMES = ("cat", "dog", "frog")
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
+
+
+def make_pair(directory: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> tuple[Path, Path]:
+    """A tiny teacher (depth 2, 4 heads) and student (depth 2, 2 heads) checkpoint on the 8x8 grid."""
+    paths = []
+    for role, seed, heads in (("teacher", 0, 4), ("student", 1, 2)):
+        torch.manual_seed(seed)
+        model = build_model("cifar-student", len(class_names), depth=2, num_heads=heads, embed_dim=32)
+        with torch.no_grad():  # sharper than timm's near-uniform init, so attention maps differ visibly
+            for blk in model.blocks:
+                blk.attn.qkv.weight.normal_(0.0, 0.5)
+        meta = {"class_names": list(class_names), "mean": list(MEAN), "std": list(STD), "img_size": 32,
+                "head_map": None if role == "teacher" else [[1, 0, 1, 0], [1, 1, 1, 1]], "kind": role,
+                "data": "imagefolder:tiny", "metrics": {"accuracy": 50.0}}
+        paths.append(save_checkpoint(model, meta, directory / f"{role}.safetensors"))
+    return paths[0], paths[1]
+
+
+def make_folder(root: Path, per_class: int = 7, class_names: tuple[str, ...] = CLASS_NAMES, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: 32x32 images whose colour depends on the class, plus noise."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(class_names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((32, 32, 3), dtype=np.float64)
+            base[..., c % 3] = 200.0
+            pixels = np.clip(base + rng.normal(0, 40, size=base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: on a busy 2-core machine torch's thread pool spins for ~0.4 s per call; one thread is ~1 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(one_thread, tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("scan")
+    teacher_path, student_path = make_pair(directory)
+    folder = make_folder(directory / "test")
+    teacher, teacher_meta = load_checkpoint(teacher_path)
+    student, student_meta = load_checkpoint(student_path)
+    return teacher, teacher_meta, student, student_meta, folder
+
+
+def _reference_pixels(path: str) -> torch.Tensor:
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
+    pixels = (pixels - np.array(MEAN)) / np.array(STD)
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+
+
+def _reference_probs_and_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities and each block's attention probabilities from timm's own unfused path (hooks)."""
+    captured: list[np.ndarray] = []
+    handles = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False  # a private copy: the scan under test never sees these flags or hooks
+        handles.append(blk.attn.attn_drop.register_forward_hook(
+            lambda _m, inputs, _out: captured.append(inputs[0].detach().double().numpy())))
+    try:
+        with torch.no_grad():
+            probs = model(x).softmax(-1).double().numpy()[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for blk in model.blocks:
+            blk.attn.fused_attn = True
+    return probs, captured
+
+
+def _numpy_rollout_cls(attn: list[np.ndarray]) -> np.ndarray:
+    t = attn[0].shape[-1]
+    result = np.eye(t)
+    for block in attn:
+        a = 0.5 * block[0].mean(axis=0) + 0.5 * np.eye(t)
+        a = a / a.sum(axis=1, keepdims=True)
+        result = a @ result
+    row = result[0, 1:]
+    return row / row.sum()
+
+
+def _numpy_js_bits(p: np.ndarray, q: np.ndarray) -> float:
+    m = 0.5 * (p + q)
+    return float(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))) / np.log(2.0)
+
+
+def test_scan_matches_direct_forward_and_groups(pair) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    seen = []
+    result = scan_split(teacher, teacher_meta, student, student_meta, folder, batch_size=8,
+                        progress=lambda done, total: seen.append((done, total)))
+    assert len(result.rows) == 21
+    assert seen == [(8, 21), (16, 21), (21, 21)]
+    assert sum(result.counts.values()) == 21 and set(result.counts) == set(GROUPS)
+    for row in result.rows:
+        assert Path(row.path).parent.name == CLASS_NAMES[row.label] == row.label_name
+        x = _reference_pixels(row.path)
+        with torch.no_grad():
+            t_logits, s_logits = teacher(x)[0], student(x)[0]
+        assert row.teacher_pred == int(t_logits.argmax()) and row.student_pred == int(s_logits.argmax())
+        assert row.teacher_conf == pytest.approx(float(t_logits.softmax(-1).max()), abs=1e-5)
+        assert row.student_conf == pytest.approx(float(s_logits.softmax(-1).max()), abs=1e-5)
+        t_ok, s_ok = row.teacher_pred == row.label, row.student_pred == row.label
+        expected = {(True, False): "teacher_right_student_wrong", (False, True): "student_right_teacher_wrong",
+                    (False, False): "both_wrong", (True, True): "both_right"}[(t_ok, s_ok)]
+        assert row.group == expected
+        assert 0.0 <= row.divergence <= 1.0
+    for name in GROUPS:
+        assert result.counts[name] == len(result.group(name))
+        divergences = [r.divergence for r in result.group(name)]
+        assert divergences == sorted(divergences, reverse=True)
+    csv_lines = result.to_csv().strip().splitlines()
+    assert len(csv_lines) == 22 and csv_lines[0].startswith("path,label,label_name,teacher_pred")
+
+
+def test_divergence_equals_independent_js(pair) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    result = scan_split(teacher, teacher_meta, student, student_meta, folder, limit=5)
+    assert len(result.rows) == 5
+    row = result.rows[3]
+    x = _reference_pixels(row.path)
+    t_probs, t_attn = _reference_probs_and_attention(teacher, x)
+    s_probs, s_attn = _reference_probs_and_attention(student, x)
+    assert row.teacher_conf == pytest.approx(t_probs.max(), abs=1e-5)
+    expected = _numpy_js_bits(_numpy_rollout_cls(t_attn), _numpy_rollout_cls(s_attn))
+    assert expected > 1e-4  # different random models attend differently: the check is not vacuous
+    assert row.divergence == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    same = scan_split(teacher, teacher_meta, teacher, teacher_meta, folder, limit=2)
+    assert all(r.divergence == pytest.approx(0.0, abs=1e-9) for r in same.rows)
+
+
+def test_flat_folder_with_labels_and_bad_files(pair, tmp_path: Path) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    flat = tmp_path / "examples"
+    flat.mkdir()
+    for name, src in (("a.png", folder / "dog" / "0.png"), ("b.png", folder / "frog" / "1.png"),
+                      ("unlabelled.png", folder / "cat" / "2.png")):
+        (flat / name).write_bytes(src.read_bytes())
+    (flat / "broken.png").write_bytes(b"not an image")
+    labels = {"a.png": "dog", "b.png": 2, "broken.png": "cat"}
+    (flat / "labels.json").write_text(json.dumps(labels))
+    result = scan_split(teacher, teacher_meta, student, student_meta, flat, labels=labels)
+    assert [(Path(r.path).name, r.label) for r in result.rows] == [("a.png", 1), ("b.png", 2)]
+    assert [Path(p).name for p, _ in result.skipped] == ["broken.png"]
+    reference = scan_split(teacher, teacher_meta, student, student_meta, folder)
+    by_file = {(Path(r.path).parent.name, Path(r.path).name): r for r in reference.rows}
+    assert result.rows[0].teacher_conf == pytest.approx(by_file[("dog", "0.png")].teacher_conf, abs=1e-6)
+    assert result.rows[1].divergence == pytest.approx(by_file[("frog", "1.png")].divergence, abs=1e-6)
+
+
+def test_class_name_mismatches_raise_clear_errors(pair, tmp_path: Path) -> None:
+    teacher, teacher_meta, student, student_meta, _ = pair
+    other = make_folder(tmp_path / "other", per_class=1, class_names=("cat", "horse"))
+    with pytest.raises(ConfigError, match=r"class folders \['horse'\].*not classes of the selected models"):
+        scan_split(teacher, teacher_meta, student, student_meta, other)
+    with pytest.raises(ConfigError, match="'zebra' is not one of the models' classes"):
+        list_labelled_images(other / "cat", CLASS_NAMES, {"0.png": "zebra"})
+    renamed = dict(student_meta, class_names=["cat", "dog", "toad"])
+    with pytest.raises(IncompatibleModelsError, match="teacher classes .* and student classes .* differ"):
+        scan_split(teacher, teacher_meta, student, renamed, other)

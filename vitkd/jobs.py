@@ -1,0 +1,454 @@
+"""Training jobs started from the app: ``python -m vitkd train|distill`` in its own process session.
+
+A job outlives the page (and the server) that started it: its state lives on disk, never in
+module variables. ``runs_dir/<job>/`` is the run directory (see ``vitkd.train``) plus
+``job.json`` (pid, argv, start time, status) and ``log.txt`` (stdout and stderr). At most one
+job runs per ``runs_dir``: ``runs_dir/.active_job`` is created with ``O_EXCL`` and names the
+job and its pid; a lock whose process is gone is stale and cleared by the next reader.
+Cancelling sends SIGTERM to the job's process group; ``--resume`` continues such a run later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, VitkdError
+
+__all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "active_job", "job_status", "cancel_job", "list_jobs",
+           "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
+           "matching_student_presets", "training_roots", "folder_class_names"]
+
+LOCK_NAME = ".active_job"
+_MUTEX_NAME = ".jobs.mutex"
+_JOB_FILE = "job.json"
+_LOG_FILE = "log.txt"
+# TrainConfig fields the CLI takes under another name.
+_FLAG_NAMES = {"head_map": "--map", "out_dir": "--out"}
+_DISTILL_ONLY = ("teacher", "head_map", "loss", "alpha", "gate", "kd_weight", "kd_temperature")
+
+
+class JobBusyError(VitkdError):
+    """A training job is already running for this runs folder."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A started job: its name (the run folder's name), folder, process id, CLI arguments and start time."""
+
+    name: str
+    run_dir: Path
+    pid: int
+    args: tuple[str, ...]
+    started: float
+
+    @property
+    def command(self) -> str:
+        """``train`` or ``distill``."""
+        return self.args[0]
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / _LOG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "last.safetensors"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a job stands: ``state`` is running, finished, failed or cancelled; progress from the run folder."""
+
+    state: str
+    epoch: int = 0
+    epochs: int = 0
+    batch: int = 0
+    batches: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+    metrics: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """Share of the whole run done, in [0, 1]."""
+        if self.state == "finished":
+            return 1.0
+        if self.epochs <= 0:
+            return 0.0
+        within = self.batch / self.batches if self.batches else 0.0
+        return max(0.0, min(1.0, (self.epoch + within) / self.epochs))
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+def config_to_args(config: Mapping[str, Any]) -> list[str]:
+    """CLI arguments (``train ...`` or ``distill ...``) for a ``TrainConfig``-like dict, validated first.
+
+    ``out_dir`` is left out: the job sets it. A teacher makes it ``distill``. Every value is
+    written out, because the CLI's defaults are not ``TrainConfig``'s (``--alpha`` is 0.5 there).
+    An extra ``threads`` key becomes ``--threads`` (torch CPU threads of the job).
+    """
+    from .train import TrainConfig  # checks every value before a process is spawned
+
+    values = dict(config)
+    threads = values.pop("threads", None)
+    if "out_dir" in values:
+        raise ConfigError("a job's out_dir is its run folder; leave out_dir out of the config")
+    if values.get("model_overrides"):
+        raise ConfigError("model_overrides cannot be passed to a job; use a preset or an experiment config")
+    if values.get("eval_batch_size", 512) != 512:
+        raise ConfigError("eval_batch_size cannot be passed to a job; use an experiment config")
+    checked = TrainConfig.from_dict(dict(values, out_dir="unused"))
+    distill = checked.teacher is not None
+    args = ["distill" if distill else "train"]
+    for name, value in checked.to_dict().items():
+        if name in ("out_dir", "model_overrides", "eval_batch_size") or value is None:
+            continue
+        if not distill and name in _DISTILL_ONLY:
+            continue
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            if value:
+                args.append(flag)
+        else:
+            args += [flag, str(value)]
+    if threads is not None:
+        args += ["--threads", str(int(threads))]
+    return args
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; reaps it first if it is our own finished child (no zombies left behind)."""
+    if pid <= 0:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():  # a zombie someone else must reap is not running
+        with contextlib.suppress(OSError, IndexError):
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _job_alive(job: Job) -> bool:
+    """The job's process still runs (and the pid was not reused by an unrelated process)."""
+    if not _pid_alive(job.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{job.pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # no procfs (macOS): trust the pid
+        return True
+    # Empty while the process is between fork and exec, or exiting: still ours, not yet reusable.
+    return not cmdline or job.run_dir.name in cmdline
+
+
+@contextlib.contextmanager
+def _mutex(runs_dir: Path) -> Iterator[None]:
+    """Serialise lock and job-file updates across threads and processes sharing ``runs_dir``."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / _MUTEX_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def load_job(run_dir: str | Path) -> Job | None:
+    """The job recorded in ``run_dir/job.json``, or None if there is none (or it is unreadable)."""
+    run_dir = Path(run_dir).resolve()
+    record = _read_json(run_dir / _JOB_FILE)
+    if record is None:
+        return None
+    try:
+        return Job(name=run_dir.name, run_dir=run_dir, pid=int(record["pid"]), args=tuple(record["args"]),
+                   started=float(record["started"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _active_locked(runs_dir: Path) -> Job | None:
+    """The locked job if its process runs; otherwise the lock is stale and removed (caller holds the mutex)."""
+    lock = runs_dir / LOCK_NAME
+    if not lock.exists():
+        return None
+    record = _read_json(lock) or {}
+    job = load_job(runs_dir / str(record.get("name", ""))) if record.get("name") else None
+    if job is not None and _job_alive(job):
+        return job
+    # Under the mutex a lock is only ever seen complete, so anything else is left by a dead process.
+    lock.unlink(missing_ok=True)
+    return None
+
+
+def active_job(runs_dir: str | Path) -> Job | None:
+    """The running job of ``runs_dir``, or None; clears a stale lock on the way."""
+    runs_dir = Path(runs_dir)
+    if not (runs_dir / LOCK_NAME).exists():
+        return None
+    with _mutex(runs_dir):
+        return _active_locked(runs_dir)
+
+
+def _new_run_dir(runs_dir: Path, prefix: str) -> Path:
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix).strip(".-") or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        run_dir = runs_dir / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise VitkdError(f"cannot create a new run folder in {runs_dir}")
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment plus this vitkd on ``PYTHONPATH``, so ``-m vitkd`` works from any working directory."""
+    child = dict(os.environ if env is None else env)
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in child.get("PYTHONPATH", "").split(os.pathsep) if p]
+    child["PYTHONPATH"] = os.pathsep.join([package_parent, *(p for p in paths if p != package_parent)])
+    return child
+
+
+def start_job(runs_dir: str | Path, config: Mapping[str, Any] | Sequence[str], name: str | None = None,
+              env: Mapping[str, str] | None = None) -> Job:
+    """Launch ``python -m vitkd train|distill ... --out runs_dir/<job> --no-progress`` detached.
+
+    ``config`` is a ``TrainConfig``-like dict (see ``config_to_args``) or CLI arguments starting
+    with ``train`` or ``distill`` (without ``--out``). Raises ``JobBusyError`` while another job runs.
+    """
+    runs_dir = Path(runs_dir).resolve()
+    if isinstance(config, Mapping):
+        args = config_to_args(config)
+    else:
+        args = [str(a) for a in config]
+        if not args or args[0] not in ("train", "distill"):
+            raise ConfigError(f"job arguments must start with 'train' or 'distill', got {args[:1]}")
+        if any(a == "--out" or a.startswith("--out=") for a in args):
+            raise ConfigError("a job chooses its own --out (its run folder); drop --out")
+    if "--no-progress" not in args:
+        args.append("--no-progress")
+    with _mutex(runs_dir):
+        running = _active_locked(runs_dir)
+        if running is not None:
+            raise JobBusyError(f"training job {running.name} is still running; wait for it or cancel it first")
+        lock = runs_dir / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise JobBusyError("another training job is starting; try again in a moment") from None
+        run_dir = None
+        try:
+            run_dir = _new_run_dir(runs_dir, name or args[0])
+            os.write(fd, json.dumps({"name": run_dir.name, "pid": os.getpid()}).encode())
+            os.close(fd)
+            fd = -1
+            argv = list(args) + ["--out", str(run_dir)]
+            with open(run_dir / _LOG_FILE, "ab") as log:
+                process = subprocess.Popen([sys.executable, "-m", "vitkd", *argv], stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True, env=_child_env(env))
+            started = time.time()
+            _write_json(run_dir / _JOB_FILE, {"pid": process.pid, "args": argv, "started": started,
+                                              "status": "running", "python": sys.executable})
+            _write_json(lock, {"name": run_dir.name, "pid": process.pid})
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            lock.unlink(missing_ok=True)
+            raise
+    return Job(name=run_dir.name, run_dir=run_dir, pid=process.pid, args=tuple(argv), started=started)
+
+
+def _last_log_line(job: Job) -> str:
+    try:
+        with open(job.log_path, "rb") as handle:
+            handle.seek(max(0, job.log_path.stat().st_size - 4096))
+            lines = [ln.strip() for ln in handle.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], ...]:
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return ()
+    rows = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return tuple(r for r in rows if isinstance(r, dict))
+
+
+def job_status(job: Job) -> JobStatus:
+    """Read the job's state from its process and run folder (safe to call from any thread, any time)."""
+    record = _read_json(job.run_dir / _JOB_FILE) or {}
+    progress = _read_json(job.run_dir / "progress.json") or {}
+    metrics = _read_metrics(job.run_dir)
+    alive = _job_alive(job)
+    if record.get("status") == "cancelled":  # final even while the process is still shutting down
+        state = "cancelled"
+    elif alive:
+        state = "running"
+    elif progress.get("done") and job.checkpoint.is_file():
+        state = "finished"
+    else:
+        state = "failed"
+    epochs = int(progress.get("epochs") or (metrics[-1].get("epochs") if metrics else 0) or 0)
+    if "accuracy" in progress or progress.get("done"):  # written at an epoch's end: ``epoch`` epochs complete
+        epoch, batch = int(progress.get("epoch", 0)), 0
+    else:
+        epoch, batch = int(progress.get("epoch", len(metrics))), int(progress.get("batch", 0))
+    last = metrics[-1] if metrics else {}
+    message = _last_log_line(job) if state == "failed" else ""
+    if state != "running" and record.get("status") != state:
+        with contextlib.suppress(OSError):
+            _write_json(job.run_dir / _JOB_FILE, dict(record, status=state, ended=record.get("ended", time.time())))
+    return JobStatus(state=state, epoch=epoch, epochs=epochs, batch=batch, batches=int(progress.get("batches") or 0),
+                     loss=progress.get("loss"), accuracy=last.get("accuracy"), metrics=metrics, message=message)
+
+
+def cancel_job(job: Job, timeout: float = 10.0) -> JobStatus:
+    """SIGTERM the job's process group, wait up to ``timeout`` s (then SIGKILL), release the lock."""
+    runs_dir = job.run_dir.parent
+    with _mutex(runs_dir):
+        record = _read_json(job.run_dir / _JOB_FILE) or {}
+        _write_json(job.run_dir / _JOB_FILE, dict(record, status="cancelled", ended=time.time()))
+    if _job_alive(job):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(job.pid) and time.monotonic() < deadline:  # the pid itself, until it has fully exited
+            time.sleep(0.05)
+        if _pid_alive(job.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(job.pid, signal.SIGKILL)
+            while _pid_alive(job.pid) and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+    with _mutex(runs_dir):
+        record = _read_json(runs_dir / LOCK_NAME)
+        if record is not None and record.get("name") == job.name:
+            (runs_dir / LOCK_NAME).unlink(missing_ok=True)
+    return job_status(job)
+
+
+def list_jobs(runs_dir: str | Path) -> list[Job]:
+    """Every job ever started in ``runs_dir``, newest first (folders without ``job.json`` are not jobs)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    jobs = [job for d in runs_dir.iterdir() if d.is_dir() and (job := load_job(d)) is not None]
+    return sorted(jobs, key=lambda j: j.started, reverse=True)
+
+
+# What the training form offers: pure functions over checkpoint metadata, presets and folders.
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a head map and a student choice depend on: depth, heads, input size, token grid, prefix tokens."""
+
+    depth: int
+    num_heads: int
+    img_size: int
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+
+
+def preset_shape(preset: str, img_size: int | None = None) -> ModelShape:
+    """The shape of a preset at ``img_size`` (its own size if None), without building it."""
+    from .models import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    size = int(img_size or spec["img_size"])
+    patch = int(spec["patch_size"])
+    return ModelShape(depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), img_size=size,
+                      grid=(size // patch, size // patch), num_prefix_tokens=1)
+
+
+def checkpoint_shape(meta: Mapping[str, Any]) -> ModelShape:
+    """The shape of a checkpoint's model from its metadata (builds it only for timm names, never loads weights)."""
+    from .models import PRESETS, ModelConfig, build_model
+
+    config = ModelConfig.from_dict(meta["model"])
+    overrides = dict(config.overrides)
+    if config.name in PRESETS and not ({"class_token", "reg_tokens", "no_embed_class"} & set(overrides)):
+        spec = dict(PRESETS[config.name], **overrides)
+        size = int(config.img_size or spec["img_size"])
+        patch = int(spec["patch_size"])
+        return ModelShape(depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), img_size=size,
+                          grid=(size // patch, size // patch), num_prefix_tokens=1)
+    from .attention import token_layout
+
+    model = build_model(config)
+    layout = token_layout(model)
+    return ModelShape(depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
+                      img_size=int(model.patch_embed.img_size[0]), grid=layout.grid_size,
+                      num_prefix_tokens=layout.num_prefix_tokens)
+
+
+def matching_student_presets(teacher: ModelShape) -> list[str]:
+    """Presets that, trained at the teacher's input size, have its token grid (so attention maps can be compared)."""
+    from .models import PRESETS
+
+    matches = []
+    for name in PRESETS:
+        shape = preset_shape(name, teacher.img_size)
+        if (teacher.img_size % int(PRESETS[name]["patch_size"]) == 0 and shape.grid == teacher.grid
+                and shape.num_prefix_tokens == teacher.num_prefix_tokens):
+            matches.append(name)
+    return matches
+
+
+def training_roots(data_roots: Sequence[str | Path]) -> list[Path]:
+    """The data roots that ``imagefolder:ROOT`` can train on: a ``train/`` and a ``test/`` or ``val/`` folder."""
+    return [Path(r) for r in data_roots
+            if (Path(r) / "train").is_dir() and ((Path(r) / "test").is_dir() or (Path(r) / "val").is_dir())]
+
+
+def folder_class_names(root: str | Path) -> list[str]:
+    """Class names of ``ROOT/train`` in the order training assigns labels (sorted subfolder names)."""
+    train = Path(root) / "train"
+    return sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
