@@ -44,7 +44,7 @@ DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "app"
 
 TEACHER_KEY, STUDENT_KEY = "vitkd_teacher", "vitkd_student"
 EXPLORE_IMAGE_KEY = "explore_image"  # {"name": str, "bytes": bytes, "label": int | None}: open it in Explore
-EXPLORE_PAGE = "pages/explore.py"
+EXPLORE_PAGE = "views/explore.py"
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
 PREFERRED_TEACHERS = ("cifar10-teacher.safetensors", "imagenette-teacher.safetensors")
 

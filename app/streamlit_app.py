@@ -17,20 +17,18 @@ import streamlit as st  # noqa: E402
 
 from app.common import apply_torch_threads, render_sidebar, server_config  # noqa: E402
 
-PAGES_DIR = Path(__file__).resolve().parent / "pages"
-
 st.set_page_config(page_title="vitkd attention explorer", layout="wide")
 apply_torch_threads(server_config())
 
-# (file, title, icon); pages written later register themselves by existing.
+# Pages live in views/, not pages/, so Streamlit's legacy pages/ discovery never competes with st.navigation.
 _PAGES = [
     ("explore.py", "Explore", ":material/visibility:"),
     ("misclassified.py", "Misclassifications", ":material/report:"),
     ("train.py", "Train", ":material/model_training:"),
     ("models.py", "Models", ":material/inventory_2:"),
 ]
-pages = [st.Page(f"pages/{name}", title=title, icon=icon, default=(name == "explore.py"))
-         for name, title, icon in _PAGES if (PAGES_DIR / name).is_file()]
+pages = [st.Page(f"views/{name}", title=title, icon=icon, default=(name == "explore.py"))
+         for name, title, icon in _PAGES]
 navigation = st.navigation(pages)
 render_sidebar()
 navigation.run()

@@ -43,10 +43,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: f
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"streamlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError), \
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.25)
     raise TimeoutError(f"streamlit not healthy after {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
 

@@ -51,7 +51,7 @@ def test_misclassified_scan_groups_cache_and_open(env: dict[str, Path], monkeypa
     calls = []
     real_scan = vitkd.scan.scan_split
     monkeypatch.setattr(vitkd.scan, "scan_split", lambda *a, **k: calls.append(a[4]) or real_scan(*a, **k))
-    at = _app(env, "pages/misclassified.py")
+    at = _app(env, "views/misclassified.py")
     split = at.selectbox(key="misc_split")
     test_label = next(o for o in split.options if o.startswith(f"{env['data'].name}/test"))
     assert "Bundled examples" in split.options
@@ -88,7 +88,7 @@ def test_misclassified_scan_groups_cache_and_open(env: dict[str, Path], monkeypa
 def test_misclassified_examples_class_mismatch_and_no_roots(env: dict[str, Path],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VITKD_DATA_ROOTS")
-    at = _app(env, "pages/misclassified.py")
+    at = _app(env, "views/misclassified.py")
     assert "No data roots are configured" in _texts(at)
     assert at.selectbox(key="misc_split").options == ["Bundled examples"]
     at.button[0].click().run()
@@ -97,7 +97,7 @@ def test_misclassified_examples_class_mismatch_and_no_roots(env: dict[str, Path]
 
 
 def test_train_page_validates_starts_and_cancels(env: dict[str, Path]) -> None:
-    at = _app(env, "pages/train.py")
+    at = _app(env, "views/train.py")
     assert "No training runs yet" in _texts(at)
     at.radio(key="train_mode").set_value("distill").run()
     at.selectbox(key="train_teacher").set_value(str(env["teacher"])).run()
@@ -130,6 +130,6 @@ def test_train_page_validates_starts_and_cancels(env: dict[str, Path]) -> None:
 
 def test_train_page_disabled(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITKD_ENABLE_TRAINING", "0")
-    at = _app(env, "pages/train.py")
+    at = _app(env, "views/train.py")
     assert "Training from the browser is disabled" in "\n".join(e.value for e in at.info)
     assert not at.button
