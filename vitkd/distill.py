@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,29 @@ def gather_heads(attn_logits: dict[int, torch.Tensor], pairs: Sequence[HeadPair]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+class _SoftTargetRowLoss(torch.autograd.Function):
+    """Per-row ``-sum p_t log p_s`` (``+ sum p_t log p_t`` for KL) against a fixed teacher.
+
+    Both have the gradient ``p_s - p_t`` w.r.t. the student logits; writing it by hand
+    replaces autograd's chain through log-softmax, product and sum, which dominates the
+    cost of a distillation step (maps are [B, pairs, T, T]).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kl: bool) -> torch.Tensor:
+        log_ps = F.log_softmax(student, dim=-1)
+        log_pt = F.log_softmax(teacher, dim=-1)
+        pt = log_pt.exp()
+        per_row = (pt * (log_pt - log_ps)).sum(-1) if kl else -(pt * log_ps).sum(-1)
+        ctx.save_for_backward(log_ps, pt)
+        return per_row
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_ps, pt = ctx.saved_tensors
+        return (log_ps.exp() - pt) * grad_rows.unsqueeze(-1), None, None
+
+
 def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
                    reduction: str = "mean") -> torch.Tensor:
     """Attention distillation loss between mapped heads, both [B, P, T, T] pre-softmax logits.
@@ -212,10 +235,13 @@ def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     if student_logits.shape != teacher_logits.shape:
         raise IncompatibleModelsError(f"mapped attention shapes differ: student {tuple(student_logits.shape)}, "
                                       f"teacher {tuple(teacher_logits.shape)}")
-    s = student_logits.float()
-    t = teacher_logits.float()
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
     if kind == "mse":
         per_row = (s - t).pow(2).mean(dim=-1)
+    elif kind in ("ce", "kl") and not t.requires_grad:
+        per_row = _SoftTargetRowLoss.apply(s, t, kind == "kl")
     elif kind in ("ce", "kl"):
         log_ps = F.log_softmax(s, dim=-1)
         log_pt = F.log_softmax(t, dim=-1)
