@@ -33,6 +33,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared (e.g. copied into images)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
