@@ -330,12 +330,21 @@ class Example:
     label: str | None
 
 
-def examples() -> list[Example]:
-    """The bundled example images with their true class names (``app/examples/labels.json``)."""
+def examples(class_names: Sequence[str] | None = None) -> list[Example]:
+    """The bundled example images with their true class names (``app/examples/labels.json``).
+
+    With ``class_names``, only the examples of those classes (all of them if none match), so a
+    CIFAR-10 pair shows CIFAR-10 images and an Imagenette pair Imagenette photos.
+    """
     labels_file = EXAMPLES_DIR / "labels.json"
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
     files = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_TYPES)
-    return [Example(p.name, p, labels.get(p.name)) for p in files]
+    found = [Example(p.name, p, labels.get(p.name)) for p in files]
+    if class_names is not None:
+        known = set(class_names)
+        matching = [e for e in found if e.label in known]
+        found = matching or found
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- display helpers

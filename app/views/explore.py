@@ -78,7 +78,7 @@ def image_sources(pair: ModelPair, config: common.ServerConfig) -> list[ImageSou
     if sent:
         st.session_state["explore_sent"] = sent
         st.session_state["explore_choice"] = f"sent:{common.image_key(sent['bytes'])}"
-    examples = common.examples()
+    examples = common.examples(pair.class_names)
     if examples and st.session_state.get("explore_example") not in {e.name for e in examples}:
         st.session_state["explore_example"] = examples[0].name
 

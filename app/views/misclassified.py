@@ -8,6 +8,7 @@ folder version, limit), so coming back to a split is instant. Per-user state: ``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import streamlit as st
@@ -26,13 +27,14 @@ SHORT_TITLES = {"teacher_right_student_wrong": "Only teacher right",
                 "both_right": "Both right"}
 
 
-def split_choices(config: common.ServerConfig) -> dict[str, tuple[str, str | None]]:
+def split_choices(config: common.ServerConfig,
+                  class_names: Sequence[str] | None = None) -> dict[str, tuple[str, str | None]]:
     """Label -> (folder, labels as JSON or None) for every scannable split of the configured data roots."""
     examples_dir = common.EXAMPLES_DIR.resolve()
     choices: dict[str, tuple[str, str | None]] = {}
     for root in config.data_roots:
         if root.resolve() == examples_dir:
-            labels = {e.name: e.label for e in common.examples() if e.label is not None}
+            labels = {e.name: e.label for e in common.examples(class_names) if e.label is not None}
             if labels:
                 choices["Bundled examples"] = (str(root), json.dumps(labels, sort_keys=True))
             continue
@@ -126,7 +128,7 @@ def main() -> None:
         st.info("Choose a compatible teacher and student in the sidebar to scan a split.")
         return
     config = common.server_config()
-    choices = split_choices(config)
+    choices = split_choices(config, status.pair.class_names)
     if len(choices) <= 1:
         st.info("No data roots are configured, so only the bundled examples can be scanned. Start the server "
                 "with `VITKD_DATA_ROOTS=DIR` or `streamlit run app/streamlit_app.py -- --data-root DIR` "
