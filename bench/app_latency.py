@@ -7,7 +7,7 @@ rollouts of both models are timed separately. Uses ``checkpoints/cifar10-teacher
 ``checkpoints/cifar10-student-distilled.safetensors`` when present, else the ``cifar-teacher`` /
 ``cifar-student`` presets with random weights (same shapes, same cost).
 
-    python bench/app_latency.py [--runs 30] [--threads 1,2] [--device cpu]
+    python bench/app_latency.py [--runs 30] [--threads 1,2] [--device cpu] [--pair cifar10|imagenette]
 
 The app analyses with one intra-op thread by default (``VITKD_TORCH_THREADS``); the bench
 reports that and torch's default thread count, since on a busy machine they differ a lot.
@@ -35,11 +35,18 @@ from vitkd.models import build_model  # noqa: E402
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def cifar_pair(device: str) -> tuple[ModelPair, str]:
-    teacher = REPO_ROOT / "checkpoints" / "cifar10-teacher.safetensors"
-    student = REPO_ROOT / "checkpoints" / "cifar10-student-distilled.safetensors"
+def bundled_pair(prefix: str, device: str) -> tuple[ModelPair, str] | None:
+    teacher = REPO_ROOT / "checkpoints" / f"{prefix}-teacher.safetensors"
+    student = REPO_ROOT / "checkpoints" / f"{prefix}-student-distilled.safetensors"
     if teacher.is_file() and student.is_file():
-        return load_pair(teacher, student, device), "bundled checkpoints"
+        return load_pair(teacher, student, device), f"bundled checkpoints {teacher.name}, {student.name}"
+    return None
+
+
+def cifar_pair(device: str) -> tuple[ModelPair, str]:
+    bundled = bundled_pair("cifar10", device)
+    if bundled is not None:
+        return bundled
     torch.manual_seed(0)
     meta = dict(class_names=CIFAR, mean=[0.4912, 0.4821, 0.4465], std=[0.2452, 0.2428, 0.2606], img_size=32)
     t = build_model("cifar-teacher", 10).to(device).eval()
@@ -69,13 +76,23 @@ def main() -> None:
     parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
                         help="comma-separated torch intra-op thread counts to time (default: 1 and torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pair", default="cifar10", choices=["cifar10", "imagenette"],
+                        help="which bundled pair (imagenette needs its bundled checkpoints)")
     args = parser.parse_args()
-    pair, source = cifar_pair(args.device)
-    image = load_image(REPO_ROOT / "app" / "examples" / "cat_0001.jpg")
+    if args.pair == "imagenette":
+        found = bundled_pair("imagenette", args.device)
+        if found is None:
+            raise SystemExit("checkpoints/imagenette-teacher and -student-distilled are not bundled yet")
+        pair, source = found
+        image = load_image(REPO_ROOT / "app" / "examples" / "church_0001.jpg")
+    else:
+        pair, source = cifar_pair(args.device)
+        image = load_image(REPO_ROOT / "app" / "examples" / "cat_0001.jpg")
 
     def page_analysis() -> None:
         analysis = analyze_pair(pair, image, true_label=3)
-        compare_heads(analysis, 4, 2, alpha=0.55, scale="model", size=150)
+        compare_heads(analysis, len(pair.teacher.blocks) - 1, len(pair.student.blocks) - 1, alpha=0.55,
+                      scale="model", size=150)
 
     analysis = analyze_pair(pair, image, true_label=3)
 
