@@ -182,3 +182,11 @@ def test_class_name_mismatches_raise_clear_errors(pair, tmp_path: Path) -> None:
     renamed = dict(student_meta, class_names=["cat", "dog", "toad"])
     with pytest.raises(IncompatibleModelsError, match="teacher classes .* and student classes .* differ"):
         scan_split(teacher, teacher_meta, student, renamed, other)
+
+
+def test_limit_spreads_over_classes(pair) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    all_rows = scan_split(teacher, teacher_meta, student, student_meta, folder).rows
+    limited = scan_split(teacher, teacher_meta, student, student_meta, folder, limit=6).rows
+    assert [r.path for r in limited] == [all_rows[int(i * len(all_rows) / 6)].path for i in range(6)]
+    assert {r.label for r in limited} == {r.label for r in all_rows}  # every class folder is represented

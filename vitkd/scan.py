@@ -235,8 +235,10 @@ def scan_split(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be positive, got {limit}")
     items = list_labelled_images(folder, class_names, labels)
-    if limit is not None:
-        items = items[:limit]
+    if limit is not None and limit < len(items):
+        # Evenly spaced over the sorted list, so a limited scan still covers every class folder.
+        step = len(items) / limit
+        items = [items[int(i * step)] for i in range(limit)]
 
     models = {"teacher": (teacher, teacher_meta), "student": (student, student_meta)}
     rows: list[ScanRow] = []
