@@ -118,3 +118,35 @@ def test_lr_schedule_by_hand() -> None:
     assert lr_at_step(4, 12, 4, 1.0, 0.0) == pytest.approx(1.0)
     assert lr_at_step(8, 12, 4, 1.0, 0.0) == pytest.approx(0.5)
     assert lr_at_step(12, 12, 4, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_resume_allows_runtime_options_and_new_default_fields() -> None:
+    config = TrainConfig(model="cifar-student", data="cifar10", out_dir="x", lr=2e-3)
+    saved = config.to_dict()
+    # device / compile / eval batch size may change on resume; a field vitkd added later is fine at its default
+    runtime = TrainConfig(model="cifar-student", data="cifar10", out_dir="x", lr=2e-3, device="cpu", compile=True,
+                          eval_batch_size=64)
+    assert runtime.resume_mismatch(saved) == []
+    older = {k: v for k, v in saved.items() if k not in ("compile", "kd_weight")}
+    assert config.resume_mismatch(older) == []
+    assert TrainConfig(model="cifar-student", data="cifar10", out_dir="x", lr=2e-3,
+                       label_smoothing=0.1).resume_mismatch(older) == ["label_smoothing"]
+    assert TrainConfig(model="cifar-student", data="cifar10", out_dir="x").resume_mismatch(saved) == ["lr"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compiled_distillation_tracks_eager(tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path,
+                                            tiny_pair: TinyPair) -> None:
+    """--compile (teacher forward + attention loss) trains the same run as eager, up to float rounding."""
+    extra = dict(teacher=str(tiny_pair.teacher), head_map="encoder", loss="kl", alpha=0.5, epochs=1,
+                 model_overrides={"depth": 2})
+    eager = train(_config(tmp_path / "eager", image_folder, vitkd_cache_dir, **extra), progress=False)
+    compiled = train(_config(tmp_path / "compiled", image_folder, vitkd_cache_dir, compile=True, **extra),
+                     progress=False)
+    for key in ("train_loss", "train_ce", "train_att"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
+    a, _ = load_checkpoint(tmp_path / "eager" / "last.safetensors")
+    b, _ = load_checkpoint(tmp_path / "compiled" / "last.safetensors")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=name)

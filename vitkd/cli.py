@@ -33,6 +33,8 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the attention loss (several times faster on CPU; first step compiles)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call")
@@ -81,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         fields = dict(model=args.model, data=args.data, out_dir=args.out, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
-                      seed=args.seed, img_size=args.img_size, device=args.device, bf16=args.bf16,
+                      seed=args.seed, img_size=args.img_size, device=args.device, bf16=args.bf16, compile=args.compile,
                       cache_dir=args.cache_dir, download=args.download)
         if args.command == "distill":
             fields.update(teacher=args.teacher, head_map=args.head_map, loss=args.loss, alpha=args.alpha,

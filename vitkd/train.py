@@ -9,6 +9,7 @@ written atomically every epoch, by rank 0 only under torchrun.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,12 +27,25 @@ from tqdm import tqdm
 
 from .attention import CaptureModule, capture_attention, token_layout
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from .compiling import CompiledOrEager
 from .data import AUGMENT_POLICIES, ImageTensors, iterate_batches, load_split, num_batches
-from .distill import GATES, LOSS_KINDS, HeadMap, distillation_loss, gather_heads, parse_head_map
+from .distill import (
+    GATES,
+    LOSS_KINDS,
+    HeadMap,
+    distillation_loss,
+    gather_heads,
+    parse_head_map,
+    per_sample_attention_loss,
+)
 from .errors import ConfigError, VitkdError
 from .models import build_model, count_parameters, default_img_size
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at_step", "resolve_device"]
+
+
+# Options that change how a run executes, not what it computes: free to change on --resume.
+RUNTIME_FIELDS = frozenset({"device", "compile", "eval_batch_size", "cache_dir", "download"})
 
 
 @dataclass
@@ -68,6 +82,7 @@ class TrainConfig:
     cache_dir: str | None = None
     download: bool = False
     eval_batch_size: int = 512
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -89,6 +104,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resume_mismatch(self, saved: Mapping[str, Any]) -> list[str]:
+        """Fields that differ from a saved run's config and would change its result.
+
+        Runtime options (``RUNTIME_FIELDS``) may change on resume; a field added to vitkd after
+        the run started matches when it holds its default.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        current = self.to_dict()
+        return sorted(k for k, v in current.items() if k not in RUNTIME_FIELDS
+                      and saved.get(k, defaults.get(k)) != v)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -157,6 +183,12 @@ def _load_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.M
     return teacher.eval(), teacher_meta
 
 
+def _teacher_outputs(teacher: torch.nn.Module, blocks: tuple[int, ...],
+                     images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    out = capture_attention(teacher, images, blocks)
+    return out.class_logits, out.attn_logits
+
+
 def _resolve_head_map(config: TrainConfig, teacher: torch.nn.Module, student: torch.nn.Module) -> HeadMap:
     t_layout, s_layout = token_layout(teacher), token_layout(student)
     t_depth, s_depth = len(teacher.blocks), len(student.blocks)
@@ -206,6 +238,13 @@ def train(
         head_map = _resolve_head_map(config, teacher, student)
     student_blocks = head_map.student_blocks if head_map else []
     teacher_blocks = head_map.teacher_blocks if head_map else []
+    per_sample_fn, teacher_capture = None, None
+    if teacher is not None:
+        teacher_capture = functools.partial(_teacher_outputs, teacher, tuple(teacher_blocks))
+        if config.compile:  # the teacher's no-grad forward and the attention loss; the student stays eager
+            teacher_capture = CompiledOrEager(teacher_capture, "the teacher forward")
+            per_sample_fn = CompiledOrEager(functools.partial(per_sample_attention_loss, kind=config.loss),
+                                            "the attention loss")
     forward: torch.nn.Module = CaptureModule(student, student_blocks)
     if world_size > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
@@ -223,8 +262,8 @@ def train(
     start_epoch, step, best_acc, wall_before = 0, 0, -1.0, 0.0
     if resume and state_path.is_file():
         state = load_training_state(state_path)
-        if state["config"] != config.to_dict():
-            changed = sorted(k for k in config.to_dict() if state["config"].get(k) != config.to_dict()[k])
+        changed = config.resume_mismatch(state["config"])
+        if changed:
             raise ConfigError(f"--resume with a different config than the run in {out_dir} (changed: {changed})")
         resumed, _ = load_checkpoint(out_dir / "last.safetensors", device=device)
         student.load_state_dict(resumed.state_dict())
@@ -274,13 +313,13 @@ def train(
                 class_logits, student_attn = forward(images)
                 if teacher is not None:
                     with torch.no_grad():
-                        t_out = capture_attention(teacher, images, teacher_blocks)
+                        t_class_logits, t_attn = teacher_capture(images)
                     terms = distillation_loss(
                         class_logits, labels, gather_heads(student_attn, head_map.pairs, "student"),
-                        gather_heads(t_out.attn_logits, head_map.pairs, "teacher"), config.loss, config.alpha,
-                        teacher_class_logits=t_out.class_logits, gate=config.gate,
+                        gather_heads(t_attn, head_map.pairs, "teacher"), config.loss, config.alpha,
+                        teacher_class_logits=t_class_logits, gate=config.gate,
                         label_smoothing=config.label_smoothing, kd_weight=config.kd_weight,
-                        kd_temperature=config.kd_temperature)
+                        kd_temperature=config.kd_temperature, per_sample_fn=per_sample_fn)
                 else:
                     ce = F.cross_entropy(class_logits.float(), labels, label_smoothing=config.label_smoothing)
                     terms = {"loss": ce, "ce": ce.detach()}
