@@ -7,7 +7,7 @@ whole session so no test writes to ``~/.cache/vitkd``. No network, CPU only.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,6 +65,21 @@ def torch_threads() -> Iterator[int]:
         mp.setenv("OMP_NUM_THREADS", str(threads))
         yield threads
     torch.set_num_threads(before)
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float = 6.0) -> torch.nn.Module:
+    """Scale query/key weights so random-init attention is far from uniform (maps and divergences differ)."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            dim = blk.attn.qkv.weight.shape[1]
+            blk.attn.qkv.weight[: 2 * dim] *= factor
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def sharpen() -> Callable[..., torch.nn.Module]:
+    """``sharpen_attention`` for test modules (conftest is not importable as a module)."""
+    return sharpen_attention
 
 
 @pytest.fixture(scope="session", autouse=True)

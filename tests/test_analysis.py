@@ -50,13 +50,6 @@ CLASSES = [f"class{i}" for i in range(10)]
 HEAD_MAP = [[1, 0, 1, 0], [1, 3, 1, 1], [0, 2, 0, 3]]  # teacher block.head -> student block.head
 
 
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Scale query/key weights so random-init attention is far from uniform (maps and divergences differ)."""
-    with torch.no_grad():
-        for blk in model.blocks:
-            dim = blk.attn.qkv.weight.shape[1]
-            blk.attn.qkv.weight[: 2 * dim] *= 6.0
-    return model.eval()
 
 
 def meta(**extra) -> dict:
@@ -64,7 +57,7 @@ def meta(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(sharpen):
     torch.manual_seed(0)
     teacher = sharpen(build_model("cifar-teacher", 10, depth=2))
     student = sharpen(build_model("cifar-student", 10, depth=2))

@@ -29,27 +29,21 @@ HEAD_MAP = [[1, h, 1, h] for h in range(4)] + [[0, 0, 0, 2]]
 TIMEOUT = 60
 
 
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for blk in model.blocks:
-            dim = blk.attn.qkv.weight.shape[1]
-            blk.attn.qkv.weight[: 2 * dim] *= 5.0
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory, sharpen) -> Path:
     """tiny-teacher, a distilled and a baseline student, an incompatible 4x4-grid student, two broken files."""
     folder = tmp_path_factory.mktemp("app_ckpts")
     torch.manual_seed(0)
     meta = dict(class_names=CIFAR, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], img_size=32, data="cifar10",
                 epoch=1, metrics={"accuracy": 42.0})
-    save_checkpoint(sharpen(build_model("cifar-teacher", 10, depth=2)), dict(meta, kind="supervised"),
+    save_checkpoint(sharpen(build_model("cifar-teacher", 10, depth=2), 5.0), dict(meta, kind="supervised"),
                     folder / "tiny-teacher.safetensors")
-    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2)), dict(meta, kind="distilled",
+    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2), 5.0), dict(meta, kind="distilled",
                                                                               head_map=HEAD_MAP),
                     folder / "tiny-student-distilled.safetensors")
-    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2)), dict(meta, kind="supervised"),
+    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2), 5.0), dict(meta, kind="supervised"),
                     folder / "tiny-student-baseline.safetensors")
     save_checkpoint(build_model("cifar-student", 10, depth=2, patch_size=8), dict(meta, kind="supervised"),
                     folder / "coarse-student.safetensors")
