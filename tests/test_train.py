@@ -11,7 +11,7 @@ from conftest import TinyPair
 
 from vitkd.checkpoint import load_checkpoint, load_training_state, read_checkpoint_meta
 from vitkd.data import load_split
-from vitkd.errors import ConfigError
+from vitkd.errors import CheckpointError, ConfigError
 from vitkd.train import TrainConfig, evaluate, lr_at_step, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,3 +150,14 @@ def test_compiled_distillation_tracks_eager(tmp_path: Path, image_folder: Path, 
     b, _ = load_checkpoint(tmp_path / "compiled" / "last.safetensors")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_resume_refuses_a_checkpoint_and_state_from_different_epochs(tmp_path: Path, image_folder: Path,
+                                                                     vitkd_cache_dir: Path) -> None:
+    config = _config(tmp_path / "run", image_folder, vitkd_cache_dir, model_overrides={"depth": 1}, epochs=3)
+    train(config, stop_after_epochs=1, progress=False)
+    state_after_1 = (tmp_path / "run" / "last.state.safetensors").read_bytes()
+    train(config, resume=True, stop_after_epochs=1, progress=False)
+    (tmp_path / "run" / "last.state.safetensors").write_bytes(state_after_1)  # as if killed between the writes
+    with pytest.raises(CheckpointError, match="epoch 2 but the training state from epoch 1"):
+        train(config, resume=True, progress=False)

@@ -38,7 +38,7 @@ from .distill import (
     parse_head_map,
     per_sample_attention_loss,
 )
-from .errors import ConfigError, VitkdError
+from .errors import CheckpointError, ConfigError, VitkdError
 from .models import build_model, count_parameters, default_img_size
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at_step", "resolve_device"]
@@ -265,7 +265,11 @@ def train(
         changed = config.resume_mismatch(state["config"])
         if changed:
             raise ConfigError(f"--resume with a different config than the run in {out_dir} (changed: {changed})")
-        resumed, _ = load_checkpoint(out_dir / "last.safetensors", device=device)
+        resumed, resumed_meta = load_checkpoint(out_dir / "last.safetensors", device=device)
+        if resumed_meta.get("epoch") != state["epoch"]:
+            raise CheckpointError(f"{out_dir}: last.safetensors is from epoch {resumed_meta.get('epoch')} but the "
+                                  f"training state from epoch {state['epoch']} (interrupted while saving); "
+                                  "restore a consistent pair or start the run again")
         student.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
