@@ -9,6 +9,7 @@ patch grid, images RGB uint8 [H, W, 3].
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -62,9 +63,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = 
     split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
                             progress=False)
     # Normalise with the statistics the model was trained with, not the split's.
-    split_data = type(split_data)(split_data.images, split_data.labels, split_data.class_names,
-                                  tuple(meta.get("mean", split_data.mean)), tuple(meta.get("std", split_data.std)),
-                                  split_data.source, split_data.split)
+    split_data = dataclasses.replace(split_data, mean=tuple(meta.get("mean", split_data.mean)),
+                                     std=tuple(meta.get("std", split_data.std)))
     metrics = evaluate(model, split_data, batch_size, dev)
     return {"checkpoint": str(path), "data": source, "split": split, **metrics}
 
