@@ -18,6 +18,7 @@ from vitkd.checkpoint import (
     save_training_state,
 )
 from vitkd.errors import CheckpointError
+from vitkd.files import atomic_target, write_text_atomic
 from vitkd.models import build_model, model_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -129,3 +130,14 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     opt2.load_state_dict(loaded["optimizer"])  # accepted by torch as-is
     with pytest.raises(CheckpointError):
         load_training_state(tmp_path / "missing.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old")
+    assert target.read_text() == "old" and target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_target(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

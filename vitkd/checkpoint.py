@@ -7,8 +7,6 @@ second safetensors file beside the checkpoint, written the same atomic way.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import atomic_target
 from .models import ModelConfig, build_model, model_config
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
@@ -27,17 +26,8 @@ _META_KEY = "vitkd"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared (e.g. copied into images)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_checkpoint(model: torch.nn.Module, meta: dict[str, Any], path: str | Path) -> Path:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .errors import ConfigError
+from .files import atomic_target
 
 __all__ = ["ImageTensors", "load_split", "augment_batch", "iterate_batches", "normalize", "default_cache_dir",
            "resize_center_crop", "AUGMENT_POLICIES"]
@@ -177,9 +178,8 @@ def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | N
         mean, std = train.mean, train.std
     meta = {"classes": list(classes), "mean": list(mean), "std": list(std), "source": source, "split": split}
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": images, "labels": labels}, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        save_file({"images": images, "labels": labels}, str(tmp), metadata={"meta": json.dumps(meta)})
     return ImageTensors(images, labels, tuple(classes), tuple(mean), tuple(std), source, split)
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from .checkpoint import read_checkpoint_meta
 from .errors import ConfigError
+from .files import write_text_atomic
 from .train import TrainConfig, train
 
 __all__ = ["load_experiment", "run_experiment", "results_table"]
@@ -130,6 +131,6 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
 
 def _write_results(out_dir: Path, runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:
     results = [r for r in (_run_summary(n, c, e) for n, c, e in runs) if r is not None]
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "results.md").write_text(results_table(results))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(out_dir / "results.md", results_table(results))
     return results

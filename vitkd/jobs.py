@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, VitkdError
+from .files import write_text_atomic
 
 __all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "active_job", "job_status", "cancel_job", "list_jobs",
            "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
@@ -178,9 +179,7 @@ def _mutex(runs_dir: Path) -> Iterator[None]:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

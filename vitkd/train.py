@@ -39,6 +39,7 @@ from .distill import (
     per_sample_attention_loss,
 )
 from .errors import CheckpointError, ConfigError, VitkdError
+from .files import write_text_atomic
 from .models import build_model, count_parameters, default_img_size
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at_step", "resolve_device"]
@@ -169,12 +170,6 @@ def _dist_info() -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return rank, world_size
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 def _load_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -341,9 +336,9 @@ def train(
             if is_main and time.time() - last_progress_write > 2.0:
                 last_progress_write = time.time()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                _write_json_atomic(out_dir / "progress.json", {
+                write_text_atomic(out_dir / "progress.json", json.dumps({
                     "epoch": epoch, "epochs": config.epochs, "batch": batch_idx + 1,
-                    "batches": steps_per_epoch, "loss": loss.item(), "time": time.time()})
+                    "batches": steps_per_epoch, "loss": loss.item(), "time": time.time()}))
         bar.close()
         if world_size > 1:  # train_* metrics average every rank's batches, not only rank 0's share
             totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
@@ -375,10 +370,10 @@ def train(
                 "best_accuracy": best_acc, "wall_time_s": wall}, state_path)
             with open(out_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(last_metrics) + "\n")
-            _write_json_atomic(out_dir / "progress.json", {
+            write_text_atomic(out_dir / "progress.json", json.dumps({
                 "epoch": epoch + 1, "epochs": config.epochs, "batch": steps_per_epoch, "batches": steps_per_epoch,
                 "loss": last_metrics["train_loss"], "accuracy": last_metrics["accuracy"], "time": time.time(),
-                "done": epoch + 1 == config.epochs})
+                "done": epoch + 1 == config.epochs}))
         if on_epoch_end is not None:
             on_epoch_end(last_metrics)
     if world_size > 1:

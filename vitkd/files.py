@@ -1,0 +1,37 @@
+"""Atomic file writes: a reader (the app, a resumed run, a second process) never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_target", "write_text_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; when the block succeeds, ``os.replace`` it onto ``path``.
+
+    ``mode`` is set before the rename (``mkstemp`` makes 0600, but checkpoints and results
+    are meant to be shared, e.g. copied into a Docker image).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
