@@ -133,3 +133,23 @@ def test_train_page_disabled(env: dict[str, Path], monkeypatch: pytest.MonkeyPat
     at = _app(env, "views/train.py")
     assert "Training from the browser is disabled" in "\n".join(e.value for e in at.info)
     assert not at.button
+
+
+def test_default_pair_prefers_the_cifar10_teacher_and_its_distilled_student() -> None:
+    from app.common import CheckpointEntry, default_pair
+
+    def entry(name: str, classes: list[str]) -> CheckpointEntry:
+        meta = {"class_names": classes, "img_size": 32, "head_map": None}
+        return CheckpointEntry(f"/ckpt/{name}.safetensors", f"checkpoints/{name}", 0.0, meta, None)
+
+    nette = [entry(f"imagenette-{role}", ["tench"]) for role in ("student-distilled", "teacher", "student-baseline")]
+    cifar = [entry(f"cifar10-{role}", ["cat"]) for role in ("student-baseline", "teacher")]
+    mine = [entry("my-student", ["cat"])]
+
+    def names(pair: tuple[CheckpointEntry, CheckpointEntry]) -> tuple[str, str]:
+        return Path(pair[0].path).stem, Path(pair[1].path).stem
+
+    assert names(default_pair(nette)) == ("imagenette-teacher", "imagenette-student-distilled")
+    assert names(default_pair(nette + mine + cifar)) == ("cifar10-teacher", "cifar10-student-baseline")
+    distilled = entry("cifar10-student-distilled", ["cat"])
+    assert names(default_pair([*mine, distilled, *nette, *cifar])) == ("cifar10-teacher", "cifar10-student-distilled")
