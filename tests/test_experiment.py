@@ -10,7 +10,7 @@ import yaml
 
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import ConfigError
-from vitkd.experiment import load_experiment, results_table, run_experiment
+from vitkd.experiment import bundle_checkpoints, load_experiment, results_table, run_experiment
 
 
 def _write_config(tmp_path: Path, image_folder: Path) -> Path:
@@ -82,3 +82,23 @@ def test_group_means_in_table() -> None:
              "accuracy": acc, "parameters": 1000, "wall_time_s": 60.0} for s, acc in ((0, 50.0), (1, 53.0))]
     table = results_table(rows)
     assert "| baseline | 2 | 51.50 | 3.00 |" in table
+    one_seed = results_table(rows[:1] + [dict(rows[1], finished=False, epoch=1)])
+    assert "| baseline | 1 | 50.00 | - (one seed so far) |" in one_seed  # no spread from a single run
+
+
+def test_bundle_picks_the_best_distilled_run_of_the_baselines_seed(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def row(name: str, seed: int, acc: float, teacher: str | None) -> dict:
+        out = runs / name
+        out.mkdir(parents=True)
+        (out / "last.safetensors").write_text(name)  # the bundle copies bytes; contents name the run
+        return {"name": name, "finished": True, "accuracy": acc,
+                "config": {"out_dir": str(out), "seed": seed, "teacher": teacher}}
+
+    teacher = str(runs / "teacher" / "last.safetensors")
+    rows = [row("teacher", 0, 80.0, None), row("baseline", 0, 70.0, None), row("baseline-seed1", 1, 71.0, None),
+            row("kl", 0, 73.0, teacher), row("mse", 0, 72.0, teacher), row("kl-seed1", 1, 74.0, teacher)]
+    bundle_checkpoints(rows, tmp_path / "bundle", "x")
+    picked = {p.stem: p.read_text() for p in (tmp_path / "bundle").iterdir()}
+    assert picked == {"x-teacher": "teacher", "x-student-baseline": "baseline", "x-student-distilled": "kl"}

@@ -82,7 +82,8 @@ def results_table(results: list[dict[str, Any]]) -> str:
     if groups:
         lines += ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
         for group, accs in groups.items():
-            lines.append(f"| {group} | {len(accs)} | {statistics.mean(accs):.2f} | {max(accs) - min(accs):.2f} |")
+            spread = f"{max(accs) - min(accs):.2f}" if len(accs) > 1 else "- (one seed so far)"
+            lines.append(f"| {group} | {len(accs)} | {statistics.mean(accs):.2f} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +106,8 @@ def run_experiment(path: str | Path, only: list[str] | None = None, progress: bo
 def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: str) -> list[Path]:
     """Copy the finished teacher, seed-0 baseline student and best distilled student into ``bundle_dir``.
 
-    The best distilled student is the finished distilled run with the highest accuracy.
+    The best distilled student is the finished distilled run with the highest accuracy among
+    those with the bundled baseline's seed (a lucky second seed does not replace the variant).
     """
     finished = [r for r in results if r["finished"]]
     supervised = [r for r in finished if r["config"]["teacher"] is None]
@@ -118,8 +120,10 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
             picks.setdefault("teacher", r)
         elif r["config"]["seed"] == 0:
             picks.setdefault("student-baseline", r)
-    if distilled:
-        picks["student-distilled"] = max(distilled, key=lambda r: r["accuracy"])
+    baseline_seed = picks["student-baseline"]["config"]["seed"] if "student-baseline" in picks else None
+    same_seed = [r for r in distilled if r["config"]["seed"] == baseline_seed]
+    if distilled:  # compare like with like: the bundled baseline's seed when it has one
+        picks["student-distilled"] = max(same_seed or distilled, key=lambda r: r["accuracy"])
     written = []
     bundle_dir.mkdir(parents=True, exist_ok=True)
     for role, r in picks.items():
