@@ -83,7 +83,7 @@ def test_group_means_in_table() -> None:
     table = results_table(rows)
     assert "| baseline | 2 | 51.50 | 3.00 |" in table
     one_seed = results_table(rows[:1] + [dict(rows[1], finished=False, epoch=1)])
-    assert "| baseline | 1 | 50.00 | - (one seed so far) |" in one_seed  # no spread from a single run
+    assert "| baseline | 1 | 50.00 | - (one seed) |" in one_seed  # no spread from a single run
 
 
 def test_bundle_picks_the_best_distilled_run_of_the_baselines_seed(tmp_path: Path) -> None:

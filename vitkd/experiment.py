@@ -17,7 +17,7 @@ import yaml
 
 from .checkpoint import read_checkpoint_meta
 from .errors import ConfigError
-from .files import write_text_atomic
+from .files import atomic_target, write_text_atomic
 from .train import TrainConfig, train
 
 __all__ = ["load_experiment", "run_experiment", "results_table"]
@@ -82,7 +82,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
     if groups:
         lines += ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
         for group, accs in groups.items():
-            spread = f"{max(accs) - min(accs):.2f}" if len(accs) > 1 else "- (one seed so far)"
+            spread = f"{max(accs) - min(accs):.2f}" if len(accs) > 1 else "- (one seed)"
             lines.append(f"| {group} | {len(accs)} | {statistics.mean(accs):.2f} | {spread} |")
     return "\n".join(lines) + "\n"
 
@@ -107,7 +107,7 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
     """Copy the finished teacher, seed-0 baseline student and best distilled student into ``bundle_dir``.
 
     The best distilled student is the finished distilled run with the highest accuracy among
-    those with the bundled baseline's seed (a lucky second seed does not replace the variant).
+    those with the bundled baseline's seed, 0 (a lucky second seed does not replace the variant).
     """
     finished = [r for r in results if r["finished"]]
     supervised = [r for r in finished if r["config"]["teacher"] is None]
@@ -120,15 +120,14 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
             picks.setdefault("teacher", r)
         elif r["config"]["seed"] == 0:
             picks.setdefault("student-baseline", r)
-    baseline_seed = picks["student-baseline"]["config"]["seed"] if "student-baseline" in picks else None
-    same_seed = [r for r in distilled if r["config"]["seed"] == baseline_seed]
-    if distilled:  # compare like with like: the bundled baseline's seed when it has one
-        picks["student-distilled"] = max(same_seed or distilled, key=lambda r: r["accuracy"])
+    seed0 = [r for r in distilled if r["config"]["seed"] == 0]  # like with like: the bundled baseline's seed
+    if distilled:
+        picks["student-distilled"] = max(seed0 or distilled, key=lambda r: r["accuracy"])
     written = []
-    bundle_dir.mkdir(parents=True, exist_ok=True)
     for role, r in picks.items():
         target = bundle_dir / f"{prefix}-{role}.safetensors"
-        shutil.copyfile(Path(r["config"]["out_dir"]) / "last.safetensors", target)
+        with atomic_target(target) as tmp:  # the app may be reading the bundle; lanes bundle concurrently
+            shutil.copyfile(Path(r["config"]["out_dir"]) / "last.safetensors", tmp)
         written.append(target)
     return written
 
