@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vitkd.compiling import CompiledOrEager
 from vitkd.distill import (
+    logit_distillation_loss,
     LOSS_KINDS,
     HeadMap,
     HeadPair,
@@ -135,6 +136,21 @@ def test_distillation_loss_kd_term(logits) -> None:
     assert torch.allclose(terms["loss"], expected, rtol=1e-5)
     with pytest.raises(ConfigError, match="teacher"):
         distillation_loss(student_class, labels, s, t, "mse", 0.4, kd_weight=1.0)
+
+
+def test_logit_distillation_loss_alone_matches_a_hand_reference() -> None:
+    gen = torch.Generator().manual_seed(5)
+    student_class, teacher_class = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    labels = torch.tensor([0, 3, 1, 4])
+    temp = 4.0
+    # T^2 * mean over images of sum_c p_t (log p_t - log p_s), both softened by T, written out by hand.
+    p_t = torch.softmax(teacher_class / temp, -1)
+    kd = temp ** 2 * (p_t * (p_t.log() - torch.log_softmax(student_class / temp, -1))).sum(-1).mean()
+    ce = -torch.log_softmax(student_class, -1)[torch.arange(4), labels].mean()
+    terms = logit_distillation_loss(student_class, labels, teacher_class, 0.0, 1.0, temp)
+    assert torch.allclose(terms["kd"], kd, rtol=1e-5) and torch.allclose(terms["ce"], ce, rtol=1e-5)
+    assert torch.allclose(terms["loss"], ce + kd, rtol=1e-5)
+    assert "att" not in terms
 
 
 @pytest.mark.parametrize("kwargs, match", [

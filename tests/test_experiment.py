@@ -89,7 +89,7 @@ def test_group_means_in_table() -> None:
 def test_bundle_picks_the_best_distilled_run_of_the_baselines_seed(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
 
-    def row(name: str, seed: int, acc: float, teacher: str | None) -> dict:
+    def row(name: str, seed: int, acc: float, teacher: str | None) -> dict:  # no groups: best seed-0 run
         out = runs / name
         out.mkdir(parents=True)
         (out / "last.safetensors").write_text(name)  # the bundle copies bytes; contents name the run
@@ -102,3 +102,28 @@ def test_bundle_picks_the_best_distilled_run_of_the_baselines_seed(tmp_path: Pat
     bundle_checkpoints(rows, tmp_path / "bundle", "x")
     picked = {p.stem: p.read_text() for p in (tmp_path / "bundle").iterdir()}
     assert picked == {"x-teacher": "teacher", "x-student-baseline": "baseline", "x-student-distilled": "kl"}
+
+
+def test_bundle_replaces_the_variant_only_beyond_the_seed_spread(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def row(name: str, group: str, seed: int, acc: float) -> dict:
+        out = runs / name
+        out.mkdir(parents=True)
+        (out / "last.safetensors").write_text(name)
+        return {"name": name, "group": group, "finished": True, "accuracy": acc,
+                "config": {"out_dir": str(out), "seed": seed, "teacher": "t"}}
+
+    incumbent = [row("a", "a", 0, 74.2), row("a1", "a", 1, 73.8)]  # mean 74.0, spread 0.4
+    within = [row("b", "b", 0, 74.3), row("b1", "b", 1, 74.5)]  # mean 74.4: +0.4, not above 0.4
+    beyond = [row("c", "c", 0, 75.1), row("c1", "c", 1, 74.9)]  # mean 75.0: +1.0 > 0.4
+    one_seed = [row("d", "d", 0, 90.0)]  # a single seed never replaces a two-seed variant
+
+    def picked(rows: list[dict]) -> str:
+        (tmp_path / "bundle").mkdir(exist_ok=True)
+        bundle_checkpoints(rows, tmp_path / "bundle", "x")
+        return (tmp_path / "bundle" / "x-student-distilled.safetensors").read_text()
+
+    assert picked(incumbent + within + one_seed) == "a"
+    assert picked(incumbent + beyond) == "c"
+    assert picked(incumbent + [dict(beyond[0]), dict(beyond[1], finished=False)]) == "a"

@@ -69,11 +69,11 @@ def _process_gone(pid: int, timeout: float = 10.0) -> bool:
 
 def test_config_to_args_round_trips_through_the_cli(tmp_path: Path) -> None:
     config = {"model": "cifar-student", "data": "imagefolder:/d", "epochs": 3, "teacher": "/t.safetensors",
-              "head_map": "block:5->3", "alpha": 1.0, "loss": "mse", "gate": "teacher-correct", "bf16": True}
+              "head_map": "block:5->3", "alpha": 0.9, "loss": "mse", "gate": "teacher-correct", "bf16": True}
     args = config_to_args(config)
     assert args[0] == "distill"
     parsed = build_parser().parse_args(args + ["--out", str(tmp_path)])
-    assert parsed.alpha == 1.0  # the CLI default is 0.5: every value must be spelled out
+    assert parsed.alpha == 0.9  # the CLI default is 0.5: every value must be spelled out
     rebuilt = {k: getattr(parsed, k) for k in ("model", "data", "epochs", "teacher", "head_map", "alpha", "loss",
                                                "gate", "bf16", "batch_size", "lr", "augment", "seed")}
     expected = TrainConfig.from_dict(dict(config, out_dir=str(tmp_path))).to_dict()

@@ -161,3 +161,25 @@ def test_resume_refuses_a_checkpoint_and_state_from_different_epochs(tmp_path: P
     (tmp_path / "run" / "last.state.safetensors").write_bytes(state_after_1)  # as if killed between the writes
     with pytest.raises(CheckpointError, match="epoch 2 but the training state from epoch 1"):
         train(config, resume=True, progress=False)
+
+
+def test_logit_distillation_alone_and_its_config_errors() -> None:
+    base = {"model": "cifar-student", "data": "cifar10", "out_dir": "x", "teacher": "t.safetensors"}
+    assert TrainConfig(**base, alpha=1.0, kd_weight=1.0).head_map is None  # no attention term
+    assert TrainConfig(**base, alpha=0.5).head_map == "encoder"
+    with pytest.raises(ConfigError, match="no weight"):
+        TrainConfig(**base, alpha=1.0, kd_weight=1.0, head_map="encoder")
+    with pytest.raises(ConfigError, match="teaches nothing"):
+        TrainConfig(**base, alpha=1.0)
+
+
+def test_logit_distillation_alone_trains_without_attention(tmp_path: Path, image_folder: Path,
+                                                           vitkd_cache_dir: Path, tiny_pair: TinyPair) -> None:
+    """alpha 1 + kd_weight: CE + KD on class logits only; the checkpoint records no head map."""
+    metrics = train(_config(tmp_path / "kd", image_folder, vitkd_cache_dir, teacher=str(tiny_pair.teacher),
+                            alpha=1.0, kd_weight=1.0, epochs=1, compile=True,
+                            model_overrides={"depth": 2}), progress=False)
+    assert metrics["train_kd"] > 0 and "train_att" not in metrics
+    assert metrics["train_loss"] == pytest.approx(metrics["train_ce"] + metrics["train_kd"], rel=1e-5)
+    meta = read_checkpoint_meta(tmp_path / "kd" / "last.safetensors")
+    assert meta["kind"] == "distilled" and meta["head_map"] is None

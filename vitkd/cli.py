@@ -42,8 +42,8 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     if distill:
         g = p.add_argument_group("distillation")
         g.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
-        g.add_argument("--map", default="encoder", dest="head_map",
-                       help="encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;...")
+        g.add_argument("--map", default=None, dest="head_map",
+                       help="default encoder (none with --alpha 1: logit distillation alone); encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;...")
         g.add_argument("--loss", default="kl", choices=["mse", "ce", "kl"])
         g.add_argument("--alpha", type=float, default=0.5, help="weight of label CE; 1-alpha on attention")
         g.add_argument("--gate", default="none", choices=["none", "teacher-correct"])

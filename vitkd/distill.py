@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .errors import ConfigError, IncompatibleModelsError
 
 __all__ = ["per_sample_attention_loss", "HeadPair", "HeadMap", "head_to_head", "block_to_block", "encoder_to_encoder",
-           "parse_head_map", "attention_loss", "gather_heads", "distillation_loss", "LOSS_KINDS", "GATES"]
+           "parse_head_map", "attention_loss", "gather_heads", "distillation_loss", "logit_kd",
+           "logit_distillation_loss", "LOSS_KINDS", "GATES"]
 
 LossKind = Literal["mse", "ce", "kl"]
 LOSS_KINDS: tuple[str, ...] = ("mse", "ce", "kl")
@@ -310,10 +311,25 @@ def distillation_loss(
     if kd_weight > 0:
         if teacher_class_logits is None:
             raise ConfigError("logit distillation needs the teacher's class logits")
-        T = kd_temperature
-        kd = F.kl_div(F.log_softmax(student_class_logits.float() / T, -1), F.log_softmax(
-            teacher_class_logits.float() / T, -1), reduction="batchmean", log_target=True) * T * T
+        kd = logit_kd(student_class_logits, teacher_class_logits, kd_temperature)
         total = total + kd_weight * kd
         terms["kd"] = kd.detach()
     terms["loss"] = total
     return terms
+
+
+def logit_kd(student_class_logits: torch.Tensor, teacher_class_logits: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """Hinton's ``T^2 KL(softmax(t / T) || softmax(s / T))``, averaged over the batch."""
+    T = temperature
+    return F.kl_div(F.log_softmax(student_class_logits.float() / T, -1), F.log_softmax(
+        teacher_class_logits.float() / T, -1), reduction="batchmean", log_target=True) * T * T
+
+
+def logit_distillation_loss(student_class_logits: torch.Tensor, labels: torch.Tensor,
+                            teacher_class_logits: torch.Tensor, label_smoothing: float, kd_weight: float,
+                            kd_temperature: float) -> dict[str, torch.Tensor]:
+    """``CE(labels) + kd_weight * T^2 KL`` on class logits: logit distillation without an attention term."""
+    ce = F.cross_entropy(student_class_logits.float(), labels, label_smoothing=label_smoothing)
+    kd = logit_kd(student_class_logits, teacher_class_logits, kd_temperature)
+    return {"loss": ce + kd_weight * kd, "ce": ce.detach(), "kd": kd.detach()}

@@ -35,6 +35,7 @@ from .distill import (
     HeadMap,
     distillation_loss,
     gather_heads,
+    logit_distillation_loss,
     parse_head_map,
     per_sample_attention_loss,
 )
@@ -98,7 +99,13 @@ class TrainConfig:
             raise ConfigError(f"unknown gate {self.gate!r}: use one of {', '.join(GATES)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.teacher is not None and self.head_map is None:
+        if self.teacher is not None and self.alpha == 1.0 and self.head_map is not None:
+            raise ConfigError("alpha 1 gives the attention term no weight: pass --alpha below 1 or no --map "
+                              "(logit distillation alone is --alpha 1 --kd-weight W without --map)")
+        if self.teacher is not None and self.alpha == 1.0 and self.kd_weight <= 0:
+            raise ConfigError("with alpha 1 and no --kd-weight the teacher teaches nothing: lower --alpha for "
+                              "attention distillation or set --kd-weight for logit distillation")
+        if self.teacher is not None and self.alpha < 1.0 and self.head_map is None:
             self.head_map = "encoder"
         if self.teacher is None and (self.alpha != 1.0 or self.kd_weight > 0):
             raise ConfigError("alpha < 1 and logit distillation need a --teacher checkpoint")
@@ -230,7 +237,8 @@ def train(
         teacher, teacher_meta = _load_teacher(config, device)
         if teacher.num_classes != student.num_classes:
             raise ConfigError(f"teacher has {teacher.num_classes} classes, the data {student.num_classes}")
-        head_map = _resolve_head_map(config, teacher, student)
+        if config.head_map is not None:  # None: logit distillation alone, no attention term
+            head_map = _resolve_head_map(config, teacher, student)
     student_blocks = head_map.student_blocks if head_map else []
     teacher_blocks = head_map.teacher_blocks if head_map else []
     per_sample_fn, teacher_capture = None, None
@@ -238,7 +246,7 @@ def train(
         teacher_capture = functools.partial(_teacher_outputs, teacher, tuple(teacher_blocks))
         if config.compile:  # the teacher's no-grad forward and the attention loss; the student stays eager
             teacher_capture = CompiledOrEager(teacher_capture, "the teacher forward")
-            per_sample_fn = CompiledOrEager(functools.partial(per_sample_attention_loss, kind=config.loss),
+            per_sample_fn = None if head_map is None else CompiledOrEager(functools.partial(per_sample_attention_loss, kind=config.loss),
                                             "the attention loss")
     forward: torch.nn.Module = CaptureModule(student, student_blocks)
     if world_size > 1:
@@ -310,7 +318,12 @@ def train(
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 class_logits, student_attn = forward(images)
-                if teacher is not None:
+                if teacher is not None and head_map is None:
+                    with torch.no_grad():
+                        t_class_logits, _ = teacher_capture(images)
+                    terms = logit_distillation_loss(class_logits, labels, t_class_logits, config.label_smoothing,
+                                                    config.kd_weight, config.kd_temperature)
+                elif teacher is not None:
                     with torch.no_grad():
                         t_class_logits, t_attn = teacher_capture(images)
                     terms = distillation_loss(
