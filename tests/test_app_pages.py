@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,14 +12,18 @@ from streamlit.testing.v1 import AppTest
 
 import vitkd.scan
 from vitkd.analysis import evaluate_checkpoint
-from vitkd.jobs import LOCK_NAME, active_job, job_status, list_jobs
+from vitkd.jobs import LOCK_NAME, active_job, cancel_job, job_status, list_jobs
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_pair, image_folder: Path) -> dict[str, Path]:
-    """Server configuration through the environment, as a deployment would set it."""
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_pair, image_folder: Path) -> Iterator[dict[str, Path]]:
+    """Server configuration through the environment, as a deployment would set it.
+
+    Teardown cancels any training job a test started and left running (a failed assertion between
+    Start and Cancel would otherwise leave a 100-epoch run behind).
+    """
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     teacher = Path(shutil.copy(tiny_pair.teacher, checkpoints / "tiny-teacher.safetensors"))
@@ -29,7 +34,12 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_pair, image_folder
     monkeypatch.setenv("VITKD_RUNS_DIR", str(runs))
     monkeypatch.setenv("VITKD_ENABLE_TRAINING", "1")
     st.cache_data.clear()
-    return {"teacher": teacher, "student": student, "runs": runs, "data": image_folder}
+    try:
+        yield {"teacher": teacher, "student": student, "runs": runs, "data": image_folder}
+    finally:
+        for job in list_jobs(runs):
+            if job_status(job).running:
+                cancel_job(job)
 
 
 def _app(env: dict[str, Path], page: str) -> AppTest:

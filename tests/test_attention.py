@@ -33,15 +33,29 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
+def _layer_norm_or_identity(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    if isinstance(norm, torch.nn.Identity):
+        return x
+    assert type(norm) in (torch.nn.LayerNorm, timm.layers.LayerNorm), type(norm)  # the math below is LayerNorm's
+    return _layer_norm(x, norm)
+
+
+def _layer_scale(x: torch.Tensor, ls: torch.nn.Module) -> torch.Tensor:
+    """LayerScale multiplies each channel by its own learned gamma; Identity when the model has none."""
+    return x if isinstance(ls, torch.nn.Identity) else x * ls.gamma
+
+
 def reference_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Plain-op ViT forward (eval mode): ``(class_logits [B, C], [attn_logits [B, H, T, T] per block])``.
 
-    q, k and v come from slicing each block's qkv weight by hand; nothing calls a timm module.
+    q, k and v come from slicing each block's qkv weight by hand; nothing calls a timm module. Covers
+    pre-norm blocks with LayerScale (``init_values``), per-head q/k LayerNorms (``qk_norm``), a LayerNorm
+    on the attention output before ``proj`` (``scale_attn_norm``) and one inside the MLP (``scale_mlp_norm``).
     """
-    for blk in model.blocks:  # the reference only covers plain pre-norm blocks
-        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+    for blk in model.blocks:  # anything else is outside what the reference computes
+        for name in ("drop_path1", "drop_path2"):
             assert isinstance(getattr(blk, name), torch.nn.Identity), name
-        assert isinstance(blk.attn.q_norm, torch.nn.Identity) and blk.attn.gate is None
+        assert blk.attn.gate is None
     assert model.global_pool == "token" and isinstance(model.fc_norm, torch.nn.Identity)
 
     pe = model.patch_embed
@@ -71,16 +85,20 @@ def reference_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[t
             out = h @ wp.T + (b[part * C:(part + 1) * C] if b is not None else 0)
             heads.append(out.reshape(B, N, H, D).transpose(1, 2))  # [B, H, N, D]
         q, k, v = heads
+        q = _layer_norm_or_identity(q, blk.attn.q_norm)  # over each head's D channels
+        k = _layer_norm_or_identity(k, blk.attn.k_norm)
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)
         all_logits.append(logits)
         probs = torch.exp(logits - logits.amax(-1, keepdim=True))
         probs = probs / probs.sum(-1, keepdim=True)
         attn_out = (probs @ v).transpose(1, 2).reshape(B, N, C)
-        x = x + _linear(attn_out, blk.attn.proj)
+        attn_out = _layer_norm_or_identity(attn_out, blk.attn.norm)  # over all heads' channels, before proj
+        x = x + _layer_scale(_linear(attn_out, blk.attn.proj), blk.ls1)
         h = _layer_norm(x, blk.norm2)
         hidden = _linear(h, blk.mlp.fc1)
         hidden = 0.5 * hidden * (1.0 + torch.erf(hidden / math.sqrt(2.0)))  # exact GELU
-        x = x + _linear(hidden, blk.mlp.fc2)
+        hidden = _layer_norm_or_identity(hidden, blk.mlp.norm)
+        x = x + _layer_scale(_linear(hidden, blk.mlp.fc2), blk.ls2)
     x = _layer_norm(x, model.norm)
     if hasattr(model, "head_dist"):
         class_logits = (_linear(x[:, 0], model.head) + _linear(x[:, 1], model.head_dist)) / 2
@@ -112,9 +130,16 @@ MODELS = {
     "seed-teacher-full": lambda: build_model("seed-teacher", 100),
     "deit-distilled": lambda: _timm("deit_tiny_distilled_patch16_224", img_size=32, depth=2),
     "vit-reg4": lambda: _timm("vit_small_patch16_224", img_size=32, depth=2, reg_tokens=4),
+    # LayerScale on both branches and LayerNorms on q and k (the block output and the logits change)
+    "layerscale-qknorm": lambda: VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                                                   num_classes=7, init_values=0.3, qk_norm=True),
+    # LayerNorms on the attention output before proj and inside the MLP, plus LayerScale
+    "attn-out-norm": lambda: VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                                               num_classes=7, init_values=0.3, scale_attn_norm=True,
+                                               scale_mlp_norm=True),
 }
 EXPECTED_PREFIX = {"seed-teacher-d3": 1, "seed-student-d2": 1, "seed-teacher-full": 1, "deit-distilled": 2,
-                   "vit-reg4": 5}
+                   "vit-reg4": 5, "layerscale-qknorm": 1, "attn-out-norm": 1}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

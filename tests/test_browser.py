@@ -114,8 +114,10 @@ def test_two_sessions_each_see_their_own_image(server, browser, tmp_path: Path) 
     url, env = server
     images = [_write_image(tmp_path / "session-a-red.png", (200, 40, 40), seed=2),
               _write_image(tmp_path / "session-b-blue.png", (40, 40, 200), seed=3)]
-    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in images]
+    contexts = []
     try:
+        for _ in images:  # each one closed below even if opening the next fails
+            contexts.append(browser.new_context(viewport={"width": 1400, "height": 1000}))
         pages = [context.new_page() for context in contexts]
         for page in pages:
             driver.open_app(page, url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ from conftest import CLASS_COLORS, TEST_PER_CLASS, TRAIN_PER_CLASS, write_image_
 from PIL import Image
 
 import vitkd.data as data_module
+from vitkd.analysis import evaluate_checkpoint
+from vitkd.checkpoint import save_checkpoint
 from vitkd.data import ImageTensors, augment_batch, iterate_batches, load_split, normalize, resize_center_crop
 from vitkd.errors import ConfigError
+from vitkd.models import build_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,3 +199,219 @@ def test_normalize_and_resize() -> None:
     assert resize_center_crop(wide, 32).size == (32, 32)
     square = Image.new("RGB", (32, 32))
     assert resize_center_crop(square, 32) is square
+
+
+# ------------------------------------------------------------------------------- caches that see the disk
+
+def _rewrite(path: Path, pixels: np.ndarray, mtime_ns: int | None = None) -> None:
+    """Overwrite an image in place (same name); its mtime becomes ``mtime_ns``, by default 1 s past the old one."""
+    before = path.stat()
+    Image.fromarray(pixels).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9 if mtime_ns is None else mtime_ns))
+
+
+def _noise(rng: np.random.Generator, high: int = 256, shape: tuple[int, ...] = (32, 32, 3)) -> np.ndarray:
+    return rng.integers(0, high, shape, dtype=np.uint8)
+
+
+def _assert_same_split(got: ImageTensors, ref: ImageTensors) -> None:
+    assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
+    assert (got.class_names, got.mean, got.std) == (ref.class_names, ref.mean, ref.std)
+
+
+def test_cache_follows_files_rewritten_added_and_removed(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data", seed=3)
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    rng = np.random.default_rng(7)
+    bmp = root / "test" / "red" / "zz.bmp"  # a BMP keeps its byte size when its pixels change: only mtime tells
+    Image.fromarray(_noise(rng)).save(bmp)
+    fresh_dirs = iter(range(100))
+
+    def reload(n: int) -> ImageTensors:
+        got = load_split(source, "test", 32, cache_dir=cache, progress=False)
+        _assert_same_split(got, load_split(source, "test", 32, cache_dir=tmp_path / f"fresh{next(fresh_dirs)}",
+                                           progress=False))
+        assert len(got) == n
+        return got
+
+    first = reload(4 * TEST_PER_CLASS + 1)
+    for path in sorted((root / "test").rglob("*.png")):  # every test image rewritten in place
+        _rewrite(path, _noise(rng))
+    rewritten = reload(len(first))
+    png = torch.tensor([not name.endswith("zz.bmp") for name in sorted(map(str, (root / "test").rglob("*.*")))])
+    assert ((rewritten.images != first.images).flatten(1).any(1) == png).all()  # each PNG changed, the BMP not
+
+    one = root / "test" / "gray" / "003.png"  # size changes, mtime restored: only the size tells
+    index = sorted(map(str, (root / "test").rglob("*.*"))).index(str(one))
+    size, mtime = one.stat().st_size, one.stat().st_mtime_ns
+    _rewrite(one, np.full((32, 32, 3), 9, dtype=np.uint8), mtime_ns=mtime)
+    assert one.stat().st_size != size and one.stat().st_mtime_ns == mtime
+    resized = reload(len(first))
+    assert (resized.images[index] == 9).all() and not torch.equal(resized.images[index], rewritten.images[index])
+
+    size = bmp.stat().st_size  # same size, later mtime
+    _rewrite(bmp, _noise(rng))
+    assert bmp.stat().st_size == size
+    retimed = reload(len(first))
+    assert not torch.equal(retimed.images, resized.images)
+
+    Image.fromarray(_noise(rng)).save(root / "test" / "blue" / "new.png")
+    reload(len(first) + 1)
+    (root / "test" / "green" / "000.png").unlink()
+    (root / "test" / "red" / "001.png").unlink()
+    reload(len(first) - 1)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # superseded versions are deleted: one train, one test
+
+
+def test_decoder_version_is_part_of_the_key(tmp_path: Path, monkeypatch) -> None:
+    root = write_image_folder(tmp_path / "data", seed=12)
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    first = load_split(source, "train", 32, cache_dir=cache, progress=False)
+    decoded = []
+    original = data_module._decode_folder
+    monkeypatch.setattr(data_module, "_decode_folder", lambda *a, **k: decoded.append(1) or original(*a, **k))
+    load_split(source, "train", 32, cache_dir=cache, progress=False)
+    assert not decoded  # same files, same decoder: a cache hit
+    monkeypatch.setattr(data_module, "DECODER_VERSION", data_module.DECODER_VERSION + 1)
+    again = load_split(source, "train", 32, cache_dir=cache, progress=False)
+    assert decoded == [1]  # a new decoder decodes again
+    _assert_same_split(again, first)
+
+
+def _numpy_stats(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(split_dir.rglob("*.png"))])
+    pixels = pixels.astype(np.float64) / 255.0
+    return pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
+
+
+def test_test_split_stats_come_from_the_current_train_split(tmp_path: Path, monkeypatch) -> None:
+    root = write_image_folder(tmp_path / "data", seed=4)
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    # 7 images a chunk: 160 train images are summed in 23 chunks, the last one partial.
+    monkeypatch.setattr(data_module, "_CHUNK_ELEMENTS", 7 * 3 * 32 * 32)
+    first = load_split(source, "test", 32, cache_dir=cache, progress=False)
+    mean, std = _numpy_stats(root / "train")
+    np.testing.assert_allclose(first.mean, mean, atol=1e-4)
+    np.testing.assert_allclose(first.std, std, atol=1e-4)
+
+    rng = np.random.default_rng(8)
+    for path in sorted((root / "train").rglob("*.png")):  # train changes, test does not
+        _rewrite(path, _noise(rng, high=100))
+    again = load_split(source, "test", 32, cache_dir=cache, progress=False)
+    assert torch.equal(again.images, first.images)
+    mean, std = _numpy_stats(root / "train")
+    np.testing.assert_allclose(again.mean, mean, atol=1e-4)
+    np.testing.assert_allclose(again.std, std, atol=1e-4)
+    assert np.abs(np.subtract(again.mean, first.mean)).min() > 0.05
+    train = load_split(source, "train", 32, cache_dir=cache, progress=False)
+    assert (train.mean, train.std) == (again.mean, again.std)
+
+
+def test_undecodable_file_in_a_folder_is_a_config_error(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data", seed=9)
+    (root / "train" / "red" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ConfigError, match=r"cannot decode .*broken\.png.*remove or replace"):
+        load_split(f"imagefolder:{root}", "train", 32, cache_dir=tmp_path / "cache", progress=False)
+
+
+# ------------------------------------------------------------------------------------------- centre crop
+
+def test_center_crop_against_hand_computed_offsets(tmp_path: Path) -> None:
+    wide = np.zeros((32, 40, 3), dtype=np.uint8)  # 40 wide, 32 high: every column and row distinct
+    wide[..., 0] = np.arange(40)[None, :] * 6
+    wide[..., 1] = np.arange(32)[:, None] * 7
+    wide[..., 2] = 100
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))  # 32 wide, 40 high
+    big = np.random.default_rng(10).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # 64 wide, 48 high
+    for split in ("train", "test"):
+        (tmp_path / "crop" / split / "a").mkdir(parents=True)
+        for name, pixels in (("0_wide", wide), ("1_tall", tall), ("2_big", big)):
+            Image.fromarray(pixels).save(tmp_path / "crop" / split / "a" / f"{name}.png")
+    got = load_split(f"imagefolder:{tmp_path / 'crop'}", "test", 32, cache_dir=tmp_path / "cache", progress=False)
+    crops = got.images.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(crops[0], wide[:, 4:36])  # no resize: the middle 32 of 40 columns
+    np.testing.assert_array_equal(crops[1], tall[4:36, :])  # the middle 32 of 40 rows
+    # 64x48 -> shorter side 32: 64 * 32 / 48 = 42.67 -> 43 wide; (43 - 32) // 2 = 5 columns off the left.
+    resized = np.asarray(Image.fromarray(big).resize((43, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(crops[2], resized[:, 5:37])
+
+
+# -------------------------------------------------------------------------------- evaluating a checkpoint
+
+def _tiny_checkpoint(path: Path, class_names: tuple[str, ...]) -> Path:
+    torch.manual_seed(0)
+    model = build_model("cifar-student", len(class_names), depth=1, num_heads=2, embed_dim=32)
+    meta = {"class_names": list(class_names), "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.3], "img_size": 32,
+            "data": "imagefolder:unused", "kind": "teacher", "head_map": None, "metrics": {}}
+    return save_checkpoint(model, meta, path)
+
+
+def _reference_eval(checkpoint: Path, split_dir: Path) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy from PIL-decoded files and a plain forward of the saved weights."""
+    from vitkd.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    classes = sorted(p.name for p in split_dir.iterdir())
+    files = [(f, classes.index(f.parent.name)) for f in sorted(split_dir.rglob("*.png"))]
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files]).astype(np.float64) / 255.0
+    x = torch.from_numpy((pixels - np.array(meta["mean"])) / np.array(meta["std"])).permute(0, 3, 1, 2).float()
+    labels = torch.tensor([label for _, label in files])
+    with torch.no_grad():
+        logits = model(x)
+    accuracy = 100.0 * float((logits.argmax(-1) == labels).float().mean())
+    return accuracy, float(torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_eval_sees_test_images_rewritten_in_place(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data", seed=5)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.safetensors", tuple(sorted(CLASS_COLORS)))
+    source, cache = f"imagefolder:{root}", str(tmp_path / "cache")
+    before = evaluate_checkpoint(checkpoint, data=source, device="cpu", cache_dir=cache)
+    accuracy, loss = _reference_eval(checkpoint, root / "test")
+    assert before["accuracy"] == pytest.approx(accuracy) and before["loss"] == pytest.approx(loss, abs=1e-4)
+
+    rng = np.random.default_rng(11)
+    for path in sorted((root / "test").rglob("*.png")):
+        _rewrite(path, _noise(rng))
+    after = evaluate_checkpoint(checkpoint, data=source, device="cpu", cache_dir=cache)
+    fresh = evaluate_checkpoint(checkpoint, data=source, device="cpu", cache_dir=str(tmp_path / "fresh"))
+    assert after == fresh and after["n"] == 4 * TEST_PER_CLASS
+    assert after["loss"] != before["loss"]
+    accuracy, loss = _reference_eval(checkpoint, root / "test")
+    assert after["accuracy"] == pytest.approx(accuracy) and after["loss"] == pytest.approx(loss, abs=1e-4)
+
+
+def test_eval_refuses_other_class_names_or_order(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data", seed=6)  # classes blue, gray, green, red
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    other = _tiny_checkpoint(tmp_path / "other.safetensors", ("airplane", "automobile", "bird", "cat", "deer"))
+    with pytest.raises(ConfigError) as info:
+        evaluate_checkpoint(other, data=source, device="cpu", cache_dir=str(cache))
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+    assert "5 classes (airplane, automobile, bird, cat, ...)" in message
+    assert "4 classes (blue, gray, green, red)" in message
+    reordered = _tiny_checkpoint(tmp_path / "reordered.safetensors", ("red", "green", "blue", "gray"))
+    with pytest.raises(ConfigError, match=r"another order: class 0 is 'red' in the checkpoint, 'blue' in the data"):
+        evaluate_checkpoint(reordered, data=source, device="cpu", cache_dir=str(cache))
+    assert not list(cache.glob("*.safetensors"))  # refused before decoding anything
+
+
+def test_each_rank_draws_its_own_augmentation() -> None:
+    """Identical images on every rank: only the augmentation draws can tell the ranks' batches apart."""
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    data = ImageTensors(image.expand(64, 3, 32, 32).clone(), torch.zeros(64, dtype=torch.int64), ("a",),
+                        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic", "train")
+
+    def first_batch(rank: int, world_size: int, epoch: int = 0) -> torch.Tensor:
+        return next(iterate_batches(data, 16, train=True, seed=3, epoch=epoch, augment="strong", rank=rank,
+                                    world_size=world_size))[0]
+
+    assert not torch.equal(first_batch(0, 2), first_batch(1, 2))
+    assert torch.equal(first_batch(1, 2), first_batch(1, 2))  # a pure function of (seed, epoch, rank)
+    assert not torch.equal(first_batch(1, 2), first_batch(1, 2, epoch=1))
+    # One process keeps the single (seed, epoch) stream: permutation draws, then augmentation draws.
+    generator = torch.Generator().manual_seed(3 * 100_003)
+    torch.randperm(64, generator=generator)
+    expected = augment_batch(data.images[:16], generator, "strong")
+    assert torch.equal(first_batch(0, 1), normalize(expected, data.mean, data.std))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -10,16 +11,20 @@ import torch.nn.functional as F
 
 from vitkd.compiling import CompiledOrEager
 from vitkd.distill import (
-    logit_distillation_loss,
+    GATES,
     LOSS_KINDS,
+    WEIGHTINGS,
     HeadMap,
     HeadPair,
     attention_loss,
     block_to_block,
+    deit_hard_loss,
     distillation_loss,
+    drop_distillation_token,
     encoder_to_encoder,
     gather_heads,
     head_to_head,
+    logit_distillation_loss,
     parse_head_map,
     per_sample_attention_loss,
 )
@@ -156,6 +161,7 @@ def test_logit_distillation_loss_alone_matches_a_hand_reference() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha=1.5), "alpha"),
     (dict(alpha=0.5, gate="always"), "unknown gate"),
+    (dict(alpha=0.5, weighting="teacher-confidence"), "unknown weighting"),
 ])
 def test_distillation_loss_bad_options(logits, kwargs, match: str) -> None:
     s, t = logits
@@ -169,6 +175,179 @@ def test_gradient_reaches_student_logits_only(logits) -> None:
     t = t.clone().requires_grad_(True)
     attention_loss(s, t.detach(), "kl").backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+# ---------------------------------------------------------------- weighting by the student's performance
+
+
+def _per_sample_kl(s: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+    """KL(p_t || p_s) of each image, summed over keys, averaged over pairs and query rows (torch's kl_div)."""
+    return [F.kl_div(F.log_softmax(s[b], -1), F.softmax(t[b], -1), reduction="sum") / (P * T) for b in range(B)]
+
+
+def test_student_correct_gate_keeps_what_the_student_gets_right(logits) -> None:
+    s, t = logits
+    labels = torch.tensor([2, 0, 1])
+    student_class = torch.tensor([[0.0, 1.0, 4.0],  # right
+                                  [0.0, 3.0, 1.0],  # wrong (label 0)
+                                  [1.0, 2.0, 0.0]])  # right
+    teacher_class = torch.zeros(B, 3)  # the teacher's opinion must not matter to this gate
+    per_sample = _per_sample_kl(s, t)
+    terms = distillation_loss(student_class, labels, s, t, "kl", alpha=0.25, teacher_class_logits=teacher_class,
+                              gate="student-correct")
+    expected_att = (per_sample[0] + per_sample[2]) / 2
+    assert torch.allclose(terms["att"], expected_att, rtol=1e-5)
+    assert torch.allclose(terms["loss"], 0.25 * F.cross_entropy(student_class, labels) + 0.75 * expected_att,
+                          rtol=1e-5)
+    # No teacher logits needed; every image wrong gives no attention signal (0, not NaN) and a zero gradient.
+    s_leaf = s.clone().requires_grad_(True)
+    none_right = distillation_loss(student_class, torch.tensor([0, 0, 0]), s_leaf, t, "kl", alpha=0.0,
+                                   gate="student-correct")
+    assert none_right["att"].item() == 0.0
+    (grad,) = torch.autograd.grad(none_right["loss"], s_leaf)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_weighted_and_gated_attention_term_matches_a_loop(logits, gate: str, weighting: str) -> None:
+    s, t = logits
+    gen = torch.Generator().manual_seed(7)
+    student_class, teacher_class = torch.randn(B, 4, generator=gen) * 2, torch.randn(B, 4, generator=gen) * 2
+    labels = student_class.argmax(-1)
+    labels[1] = (labels[1] + 1) % 4  # the student gets image 1 wrong
+    labels[2] = teacher_class[2].argmax()
+    per_sample = _per_sample_kl(s, t)
+    weights, loss_sum = [], 0.0
+    for b in range(B):
+        z = student_class[b].tolist()
+        p_true = math.exp(z[labels[b]]) / sum(math.exp(v) for v in z)
+        w = {"none": 1.0, "student-confidence": p_true, "student-doubt": 1.0 - p_true}[weighting]
+        if gate == "teacher-correct":
+            w *= float(teacher_class[b].argmax() == labels[b])
+        elif gate == "student-correct":
+            w *= float(student_class[b].argmax() == labels[b])
+        weights.append(w)
+        loss_sum = loss_sum + w * per_sample[b]
+    expected_att = loss_sum / sum(weights) if sum(weights) > 0 else torch.tensor(0.0)
+    terms = distillation_loss(student_class, labels, s, t, "kl", alpha=0.4, teacher_class_logits=teacher_class,
+                              gate=gate, weighting=weighting)
+    assert torch.allclose(terms["att"], torch.as_tensor(expected_att, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+    expected = 0.4 * F.cross_entropy(student_class, labels) + 0.6 * expected_att
+    assert torch.allclose(terms["loss"], torch.as_tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_weighting_is_a_weighted_mean_so_alpha_keeps_its_meaning(logits) -> None:
+    """Scaling the student's confidence on every image alike changes nothing: the weights are normalised."""
+    s, t = logits
+    labels = torch.tensor([0, 1, 2])
+    confident = torch.eye(3) * 50.0  # p_student(y) == 1 for every image: the same as no weighting
+    terms = distillation_loss(confident, labels, s, t, "mse", alpha=0.3, weighting="student-confidence")
+    assert torch.allclose(terms["att"], F.mse_loss(s, t), rtol=1e-5)
+    doubt = distillation_loss(confident, labels, s, t, "mse", alpha=0.3, weighting="student-doubt")
+    assert doubt["att"].item() == 0.0 and torch.isfinite(doubt["loss"])  # sum of weights 0: no NaN
+
+
+@pytest.mark.parametrize("gate, weighting", [("student-correct", "none"), ("none", "student-confidence"),
+                                             ("none", "student-doubt"), ("student-correct", "student-doubt")])
+def test_no_gradient_through_the_student_decision(logits, gate: str, weighting: str) -> None:
+    s, t = logits
+    student_class = torch.randn(B, 3, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    labels = student_class.detach().argmax(-1)
+    terms = distillation_loss(student_class, labels, s, t, "kl", alpha=0.0, gate=gate, weighting=weighting)
+    (grad,) = torch.autograd.grad(terms["loss"], student_class, allow_unused=True)
+    assert grad is None or torch.equal(grad, torch.zeros_like(grad))  # alpha 0: only the attention term
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_hand_written_backward_with_per_sample_weights(kind: str) -> None:
+    """What the gate and weightings feed the hand-written backward: a different upstream gradient per image.
+
+    With the plain mean every row's upstream gradient is the same, so a backward that mixed rows
+    up (e.g. used ``grad_rows.mean()``) would go unnoticed; non-uniform weights expose it.
+    """
+    torch.manual_seed(0)
+    student = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    weights = torch.tensor([0.9, 0.0, 0.25], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda s: (attention_loss(s, teacher, kind, reduction="none") * weights).sum(), (student,))
+    # The gradient by hand: image b gets w_b * (p_s - p_t) / (pairs * rows).
+    (grad,) = torch.autograd.grad((attention_loss(student, teacher, kind, reduction="none") * weights).sum(),
+                                  student)
+    by_hand = weights[:, None, None, None] * (F.softmax(student, -1) - F.softmax(teacher, -1)) / (2 * 5)
+    torch.testing.assert_close(grad, by_hand.detach())
+    # And through distillation_loss itself, with weights from the student's class logits and a gate.
+    student_class = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])
+    for gate, weighting in (("student-correct", "student-confidence"), ("none", "student-doubt")):
+        assert torch.autograd.gradcheck(
+            lambda s, g=gate, w=weighting: distillation_loss(student_class, labels, s, teacher, kind, 0.5,
+                                                             gate=g, weighting=w)["loss"], (student,))
+
+
+# ---------------------------------------------------------------- DeiT hard distillation and the alpha schedule
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Label-smoothed cross-entropy written out: (1 - eps) * -log p(y) + eps * mean_c -log p(c), batch mean."""
+    log_p = logits - logits.exp().sum(-1, keepdim=True).log()
+    rows = [(1 - smoothing) * -log_p[b, targets[b]] + smoothing * -log_p[b].mean() for b in range(len(targets))]
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_deit_hard_loss_matches_a_hand_reference(smoothing: float) -> None:
+    gen = torch.Generator().manual_seed(11)
+    cls, dist, teacher = (torch.randn(4, 5, generator=gen) * 2 for _ in range(3))
+    labels = torch.tensor([0, 3, 1, 4])
+    teacher_says = torch.tensor([int(max(range(5), key=lambda c: teacher[b, c])) for b in range(4)])
+    ce, kd = _nll(cls, labels, smoothing), _nll(dist, teacher_says)  # no smoothing on the teacher's decision
+    terms = deit_hard_loss(cls, dist, labels, teacher, smoothing)
+    assert torch.allclose(terms["ce"], ce, rtol=1e-5) and torch.allclose(terms["kd"], kd, rtol=1e-5)
+    assert torch.allclose(terms["loss"], 0.5 * ce + 0.5 * kd, rtol=1e-5)
+    with pytest.raises(IncompatibleModelsError, match="one shape"):
+        deit_hard_loss(cls, dist[:, :3], labels, teacher)
+
+
+def test_deit_student_in_distillation_loss(logits) -> None:
+    """``alpha * (0.5 CE(class head) + 0.5 CE(dist head, teacher argmax)) + (1 - alpha) * L_att``."""
+    s, t = logits
+    cls = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    dist = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 4.0], [0.0, 1.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    per_sample = _per_sample_kl(s, t)
+    hard = 0.5 * _nll(cls, labels) + 0.5 * _nll(dist, torch.tensor([0, 2, 0]))
+    terms = distillation_loss(cls, labels, s, t, "kl", 0.3, teacher_class_logits=teacher, student_dist_logits=dist)
+    assert torch.allclose(terms["loss"], 0.3 * hard + 0.7 * sum(per_sample) / B, rtol=1e-5)
+    assert torch.allclose(terms["kd"], _nll(dist, torch.tensor([0, 2, 0])), rtol=1e-5)
+    # The student's prediction is the mean of its heads: image 0 right (mean [2, 0.5, 0]), image 1 wrong
+    # (mean [0, 0.5, 2]), image 2 right. The class head alone would keep images 1 and 2 instead.
+    gated = distillation_loss(cls, labels, s, t, "kl", 0.0, teacher_class_logits=teacher, student_dist_logits=dist,
+                              gate="student-correct")
+    assert torch.allclose(gated["att"], (per_sample[0] + per_sample[2]) / 2, rtol=1e-5)
+    with pytest.raises(ConfigError, match="kd_weight 0"):
+        distillation_loss(cls, labels, s, t, "kl", 0.3, teacher_class_logits=teacher, student_dist_logits=dist,
+                          kd_weight=0.5)
+    with pytest.raises(ConfigError, match="teacher's class logits"):
+        distillation_loss(cls, labels, s, t, "kl", 0.3, student_dist_logits=dist)
+
+
+def test_drop_distillation_token_keeps_cls_and_patches() -> None:
+    maps = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(1, 2, 6, 6)  # tokens: CLS, dist, 4 patches
+    dropped = drop_distillation_token(maps)
+    keep = [0, 2, 3, 4, 5]
+    assert torch.equal(dropped, maps[:, :, keep][:, :, :, keep])
+    # As probabilities: the student's attention over CLS and patches, renormalised without the dist token.
+    probs = F.softmax(maps / 10, -1)[:, :, keep][:, :, :, keep]
+    torch.testing.assert_close(F.softmax(dropped / 10, -1), probs / probs.sum(-1, keepdim=True))
+    leaf = maps.clone().requires_grad_(True)
+    drop_distillation_token(leaf).sum().backward()
+    assert leaf.grad[:, :, 1].abs().sum() == 0 and leaf.grad[:, :, :, 1].abs().sum() == 0
+    assert leaf.grad[:, :, keep][:, :, :, keep].eq(1).all()
+    with pytest.raises(IncompatibleModelsError, match="T >= 3"):
+        drop_distillation_token(torch.zeros(1, 1, 2, 2))
 
 
 # ---------------------------------------------------------------- head maps

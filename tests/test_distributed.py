@@ -55,7 +55,8 @@ DRIVER = textwrap.dedent('''
 
     def build_and_keep(*args, **kwargs):
         model = real_build_model(*args, **kwargs)
-        built.append(model)
+        if next(model.parameters()).device.type != "meta":  # meta builds: shape checks before the data loads
+            built.append(model)
         return model
 
 
@@ -202,5 +203,67 @@ def test_torchrun_distill_keeps_ranks_identical(workspace: dict[str, Path]) -> N
     assert meta["kind"] == "distilled"
     assert meta["head_map"] == [[5, h, 3, i] for i, h in enumerate((0, 2, 4, 6))]
     produced = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("rank"))  # rank*: the driver's
-    assert produced == ["best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl",
+    # No best.safetensors: there is no validation split, and best is never chosen on test.
+    assert produced == [".train.lock", "last.safetensors", "last.state.safetensors", "metrics.jsonl",
                         "progress.json"], "stray files: a rank other than 0 wrote to the run directory"
+
+
+NAN_DRIVER = textwrap.dedent('''
+    """torchrun worker: rank 1 alone gets a NaN loss at its second step; record each rank's dropout seeds."""
+    import json
+    import os
+    import sys
+    from unittest import mock
+
+    import torch
+    import vitkd.train
+    from vitkd.cli import main
+
+    out, argv = sys.argv[1], sys.argv[2:]
+    rank = int(os.environ["RANK"])
+    calls, seeds = [0], []
+    real_step, real_epoch = vitkd.train._step_terms, vitkd.train._train_epoch
+
+
+    def step(run, images, labels):
+        terms = real_step(run, images, labels)
+        calls[0] += 1
+        if rank == 1 and calls[0] == int(os.environ.get("NAN_AT_STEP", "0")):
+            terms = dict(terms, loss=terms["loss"] * float("nan"))
+        return terms
+
+
+    def epoch(run, position, idx, stop, show):
+        result = real_epoch(run, position, idx, stop, show)
+        seeds.append(torch.initial_seed())
+        return result
+
+
+    with mock.patch.object(vitkd.train, "_step_terms", step), mock.patch.object(vitkd.train, "_train_epoch", epoch):
+        code = main(argv)
+    with open(os.path.join(out, f"seeds{rank}.json"), "w") as f:
+        json.dump(seeds, f)
+    raise SystemExit(code)
+''')
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(workspace: dict[str, Path]) -> None:
+    run_dir = workspace["base"] / "nan-ddp"
+    run_dir.mkdir()
+    driver = workspace["base"] / "nan_driver.py"
+    driver.write_text(NAN_DRIVER)
+    args = ["train", "--model", "cifar-student", *common_args(workspace, run_dir), "--epochs", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NAN_AT_STEP="2", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(driver), str(run_dir),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: loss became non-finite")]
+    assert len(errors) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # both ranks stop, with the same line
+    assert {e.split(" step ")[0] for e in errors} == {"error: loss became non-finite at epoch 1"}
+
+    torchrun(driver, run_dir, args)  # no NaN: dropout seeds are per (seed, epoch, rank)
+    seeds = [json.loads((run_dir / f"seeds{r}.json").read_text()) for r in (0, 1)]
+    assert len(seeds[0]) == len(seeds[1]) == 2
+    assert all(a != b for a, b in zip(*seeds, strict=True)), "ranks drew the same dropout masks"
+    assert seeds[0][0] != seeds[0][1], "epochs drew the same dropout masks"

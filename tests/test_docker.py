@@ -2,12 +2,16 @@
 
 hadolint lints the Dockerfile; its instructions are parsed here, and the exact command the
 image starts (with the image's ENV) is run outside Docker until Streamlit's health endpoint
-and the app page answer. What the build context holds is worked out from .dockerignore with
-Docker's rule (the last pattern matching a path or one of its parents decides).
+answers, then a headless Chromium opens a session and must see the app's title drawn by the
+script (health alone also answers for a script that raises at import: a copy of the app that
+does so is the check's negative control). What the build context holds is worked out from
+.dockerignore with Docker's rule (the last pattern matching a path or one of its parents decides).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -20,13 +24,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+APP_TITLE = "Explore attention"  # the default page's st.title
+
+# The browser driver tests/test_browser.py uses (system Chromium through Playwright).
+_spec = importlib.util.spec_from_file_location("vitkd_screenshot", ROOT / "scripts" / "screenshot.py")
+driver = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(driver)
 
 
 def parse_dockerfile(path: Path) -> list[tuple[str, str]]:
@@ -222,20 +234,38 @@ def test_build_context_holds_only_what_the_image_copies(instructions: list[tuple
     assert not excluded_by_dockerignore("vitkd/train.py", patterns)
 
 
-@pytest.mark.slow
-def test_image_command_serves_health_and_app_page(instructions: list[tuple[str, str]], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium; skipped outside CI when it is missing, a failure in CI (``CI=true``)."""
+    if not Path(driver.CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Chromium not found at {driver.CHROMIUM}: the Docker command test must run in CI")
+        pytest.skip(f"Chromium not found at {driver.CHROMIUM}")
+    with driver.chromium() as instance:
+        yield instance
+
+
+@contextlib.contextmanager
+def image_command_server(instructions: list[tuple[str, str]], tmp_path: Path, app_root: Path = ROOT,
+                         extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run the image's start command (its ENV, a free port) from ``app_root`` until health answers; yield the URL.
+
+    The server's whole process group is stopped on the way out, whatever happened.
+    """
     command = start_command(instructions)
-    entry = ROOT / command[2]
+    entry = app_root / command[2]
     assert entry.is_file(), f"{command[2]} (the image's entrypoint script) is missing"
     port = free_port()
     argv = [sys.executable, "-m", "streamlit"] + [
         f"--server.port={port}" if arg.startswith("--server.port") else arg for arg in command[1:]]
     empty_checkpoints = tmp_path / "checkpoints"
-    empty_checkpoints.mkdir()
+    empty_checkpoints.mkdir(exist_ok=True)
     env = dict(os.environ, **dockerfile_env(instructions), HOME=str(tmp_path), VITKD_CACHE=str(tmp_path / "cache"),
-               VITKD_CHECKPOINT_DIRS=str(empty_checkpoints))
-    log = (tmp_path / "streamlit.log").open("w+")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+               VITKD_CHECKPOINT_DIRS=str(empty_checkpoints), **(extra_env or {}))
+    log_path = tmp_path / "streamlit.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, cwd=app_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         health = None
@@ -247,16 +277,64 @@ def test_image_command_serves_health_and_app_page(instructions: list[tuple[str, 
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.5)
-        log.seek(0)
-        assert health is not None and health == (200, "ok"), f"no health answer; streamlit said:\n{log.read()}"
+        assert health == (200, "ok"), f"no health answer; streamlit said:\n{log_path.read_text()}"
         status, page = http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and "<div id=\"root\">" in page
-        assert proc.poll() is None, "streamlit exited after answering"
+        yield f"http://127.0.0.1:{port}"
+        assert proc.poll() is None, f"streamlit exited after answering:\n{log_path.read_text()}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
+
+
+def open_session(browser: Any, url: str, timeout_ms: int = 90_000) -> tuple[list[str], list[str]]:
+    """Open the app as a visitor and wait for the first script run to end: ``(h1 texts, exception box texts)``."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+        try:
+            page.wait_for_function(  # something the script drew: a title, or the box of the exception it raised
+                """() => document.querySelector('h1') || document.querySelector('[data-testid="stException"]')""",
+                timeout=timeout_ms, polling=250)
+            driver.wait_idle(page, timeout_ms)
+        except Exception as exc:  # Playwright's TimeoutError: say what the page shows instead
+            raise AssertionError(f"no title or exception drawn ({exc}); the page shows:\n"
+                                 f"{page.inner_text('body')[:2000]}") from exc
+        return page.locator("h1").all_inner_texts(), page.locator(driver.EXCEPTION).all_inner_texts()
+    finally:
+        page.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_image_command_serves_a_session_with_the_app_title(instructions: list[tuple[str, str]], tmp_path: Path,
+                                                          browser: Any) -> None:
+    with image_command_server(instructions, tmp_path) as url:
+        titles, exceptions = open_session(browser, url)
+    assert exceptions == [], exceptions
+    assert APP_TITLE in titles, titles
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_session_check_catches_an_entrypoint_that_raises(instructions: list[tuple[str, str]], tmp_path: Path,
+                                                         browser: Any) -> None:
+    """Negative control: a copy of the app whose entrypoint raises at import still answers health, but no title."""
+    copy = tmp_path / "image"
+    entry = start_command(instructions)[2]
+    for folder in ("app", ".streamlit"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    script = copy / entry
+    head, future, rest = script.read_text().partition("from __future__ import annotations\n")
+    assert future, "the entrypoint's first statement moved: put the raise after its __future__ import"
+    script.write_text(head + future + 'raise RuntimeError("broken at import")\n' + rest)
+    with image_command_server(instructions, tmp_path, app_root=copy, extra_env={"PYTHONPATH": str(ROOT)}) as url:
+        titles, exceptions = open_session(browser, url)
+    assert APP_TITLE not in titles
+    assert any("broken at import" in text for text in exceptions), exceptions

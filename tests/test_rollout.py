@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,38 @@ def hand_rollout(blocks: np.ndarray, fusion: str, discard_ratio: float) -> np.nd
                 new[i, j] = sum(mixed[i, m] * result[m, j] for m in range(T))
         result = new
     return result
+
+
+def timm_probs_and_grads(model: torch.nn.Module, images: torch.Tensor,
+                         classes: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per block, attention probabilities [B, H, T, T] and d(sum_b logit[b, classes[b]])/dA, from timm itself.
+
+    A private copy runs timm's own unfused attention (``fused_attn`` off on that copy only); a forward
+    hook on each block's ``attn_drop`` (identity in eval) keeps the probabilities the forward used.
+    Nothing from vitkd.attention is involved.
+    """
+    model = copy.deepcopy(model).double().eval()
+    probs: list[torch.Tensor] = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: probs.append(out))
+    logits = model(images.double())
+    score = sum(logits[b, c] for b, c in enumerate(classes))
+    grads = torch.autograd.grad(score, probs)
+    return [a.detach().numpy() for a in probs], [g.numpy() for g in grads]
+
+
+def hand_gradient_rollout(probs: list[np.ndarray], grads: list[np.ndarray], image: int) -> np.ndarray:
+    """Class-specific relevance of one image by explicit loops (Chefer et al. 2021, as the module states it):
+    ``R = I``; per block, ``Abar[i, j] = mean_h A[h, i, j] * max(dy/dA[h, i, j], 0)`` and ``R <- R + Abar R``."""
+    _, H, T, _ = probs[0].shape
+    relevance = [[1.0 if i == j else 0.0 for j in range(T)] for i in range(T)]
+    for attn, grad in zip(probs, grads, strict=True):
+        a, g = attn[image], grad[image]
+        abar = [[sum(a[h, i, j] * max(g[h, i, j], 0.0) for h in range(H)) / H for j in range(T)] for i in range(T)]
+        relevance = [[relevance[i][j] + sum(abar[i][m] * relevance[m][j] for m in range(T)) for j in range(T)]
+                     for i in range(T)]
+    return np.array(relevance)
 
 
 def _as_probs(blocks: np.ndarray, batch: int = 1) -> list[torch.Tensor]:
@@ -113,3 +147,24 @@ def test_gradient_rollout_batch_equals_single_and_leaves_model_untouched() -> No
     assert not model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not images.requires_grad and images.grad is None
+
+
+def test_gradient_rollout_matches_hand_loops_on_timm_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_model("seed-student", 10, depth=2)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # noise, so attention is far from uniform and gradients have both signs
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * ((1 / p.shape[1]) ** 0.5 if name.endswith("qkv.weight")
+                                                          else 0.05))
+    model.eval()
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    classes = [1, 4]
+
+    got = gradient_rollout(model, images, class_index=classes)
+    probs, grads = timm_probs_and_grads(model, images, classes)
+    assert all((g < 0).any() and (g > 0).any() for g in grads)  # clamping matters
+    for b in range(2):
+        expected = hand_gradient_rollout(probs, grads, b)
+        assert np.abs(expected - np.eye(17)).max() > 1e-2  # the blocks add relevance well above the tolerance
+        np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-4, atol=1e-6)

@@ -11,7 +11,8 @@ from conftest import TinyPair
 
 from vitkd.checkpoint import load_checkpoint, load_training_state, read_checkpoint_meta
 from vitkd.data import load_split
-from vitkd.errors import CheckpointError, ConfigError
+from vitkd.errors import ConfigError
+from vitkd.models import build_model
 from vitkd.train import TrainConfig, evaluate, lr_at_step, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,30 +138,37 @@ def test_resume_allows_runtime_options_and_new_default_fields() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_compiled_distillation_tracks_eager(tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path,
-                                            tiny_pair: TinyPair) -> None:
-    """--compile (teacher forward + attention loss) trains the same run as eager, up to float rounding."""
+                                            tiny_pair: TinyPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile (teacher forward + attention loss) trains the same run as eager, up to float rounding,
+    and the compiled functions really ran (an eager fallback would compare eager with eager)."""
+    import warnings
+
+    from vitkd.compiling import CompiledOrEager
+
+    wrappers: list[CompiledOrEager] = []
+    real_init = CompiledOrEager.__init__
+
+    def recording_init(self: CompiledOrEager, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        wrappers.append(self)
+
+    monkeypatch.setattr(CompiledOrEager, "__init__", recording_init)
     extra = dict(teacher=str(tiny_pair.teacher), head_map="encoder", loss="kl", alpha=0.5, epochs=1,
                  model_overrides={"depth": 2})
     eager = train(_config(tmp_path / "eager", image_folder, vitkd_cache_dir, **extra), progress=False)
-    compiled = train(_config(tmp_path / "compiled", image_folder, vitkd_cache_dir, compile=True, **extra),
-                     progress=False)
+    assert wrappers == []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of .* failed")  # the fallback's warning
+        compiled = train(_config(tmp_path / "compiled", image_folder, vitkd_cache_dir, compile=True, **extra),
+                         progress=False)
+    assert len(wrappers) >= 2, [w.what for w in wrappers]  # the teacher forward and the attention loss
+    assert all(w.compiled_ran and not w.eager_only for w in wrappers), [w.what for w in wrappers]
     for key in ("train_loss", "train_ce", "train_att"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
     a, _ = load_checkpoint(tmp_path / "eager" / "last.safetensors")
     b, _ = load_checkpoint(tmp_path / "compiled" / "last.safetensors")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=name)
-
-
-def test_resume_refuses_a_checkpoint_and_state_from_different_epochs(tmp_path: Path, image_folder: Path,
-                                                                     vitkd_cache_dir: Path) -> None:
-    config = _config(tmp_path / "run", image_folder, vitkd_cache_dir, model_overrides={"depth": 1}, epochs=3)
-    train(config, stop_after_epochs=1, progress=False)
-    state_after_1 = (tmp_path / "run" / "last.state.safetensors").read_bytes()
-    train(config, resume=True, stop_after_epochs=1, progress=False)
-    (tmp_path / "run" / "last.state.safetensors").write_bytes(state_after_1)  # as if killed between the writes
-    with pytest.raises(CheckpointError, match="epoch 2 but the training state from epoch 1"):
-        train(config, resume=True, progress=False)
 
 
 def test_logit_distillation_alone_and_its_config_errors() -> None:
@@ -183,3 +191,46 @@ def test_logit_distillation_alone_trains_without_attention(tmp_path: Path, image
     assert metrics["train_loss"] == pytest.approx(metrics["train_ce"] + metrics["train_kd"], rel=1e-5)
     meta = read_checkpoint_meta(tmp_path / "kd" / "last.safetensors")
     assert meta["kind"] == "distilled" and meta["head_map"] is None
+
+
+@pytest.mark.parametrize("extra", [
+    dict(model="cifar-student-deit", kd="deit-hard", alpha=0.5, head_map="head:1.0->1.0;1.1->1.1",
+         weighting="student-confidence"),
+    dict(model="cifar-student-deit", kd="deit-hard", alpha=1.0),
+    dict(model="cifar-student", alpha=0.5, head_map="head:1.0->1.0", gate="student-correct"),
+], ids=["deit+attention", "deit-alone", "student-correct"])
+def test_issue12_recipes_train_end_to_end(extra: dict, tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path,
+                                          tiny_pair: TinyPair) -> None:
+    """DeiT-token students (hard distillation, alone or with attention) and student-side weighting train and save."""
+    config = _config(tmp_path / "run", image_folder, vitkd_cache_dir, teacher=str(tiny_pair.teacher), epochs=1,
+                     **dict(extra, model_overrides={"depth": 2}))
+    metrics = train(config, progress=False)
+    assert metrics["epoch"] == 1 and metrics["train_loss"] > 0
+    assert ("train_kd" in metrics) == (config.kd == "deit-hard")
+    assert ("train_att" in metrics) == (config.head_map is not None)
+    model, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert meta["train_config"]["kd"] == config.kd and meta["train_config"]["weighting"] == config.weighting
+    test = load_split(config.data, "test", 32, cache_dir=vitkd_cache_dir, progress=False)
+    assert evaluate(model, test)["accuracy"] == pytest.approx(metrics["accuracy"])  # eval: mean of the two heads
+    if config.kd == "deit-hard":  # the distillation head learned (it gets gradients only in distilled training)
+        torch.manual_seed(config.seed)
+        initial = build_model(config.model, num_classes=4, **config.model_overrides)
+        assert not torch.equal(initial.head_dist.weight, model.head_dist.weight)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(model="cifar-student-deit", alpha=0.5), "distillation token"),
+    (dict(model="cifar-student", kd="deit-hard", alpha=0.5), "needs a student with a distillation token"),
+    (dict(model="cifar-student", alpha=0.5, model_overrides={"patch_drop_rate": 0.25}), "patch_drop_rate"),
+])
+def test_distillation_checks_run_before_any_data_is_read(extra: dict, match: str, tmp_path: Path,
+                                                         tiny_pair: TinyPair) -> None:
+    config = _config(tmp_path / "run", tmp_path / "no-such-folder", tmp_path / "cache",
+                     teacher=str(tiny_pair.teacher), epochs=1, **extra)
+    with pytest.raises(ConfigError, match=match):
+        train(config, progress=False)
+
+
+def test_warmup_must_end_before_the_run_does() -> None:
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        TrainConfig(model="cifar-student", data="cifar10", out_dir="x", epochs=2, warmup_epochs=2.0)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .attention import TokenLayout, capture_attention, token_layout
 from .checkpoint import load_checkpoint
-from .data import load_split
+from .data import load_split, split_class_names
 from .distill import HeadMap
 from .errors import ConfigError, IncompatibleModelsError
 from .images import preprocess
@@ -56,10 +56,28 @@ HIGHLIGHT = (255, 196, 0)  # frame colour of distilled heads
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = "test", batch_size: int = 512,
                         device: str = "auto", cache_dir: str | None = None) -> dict[str, Any]:
-    """Top-1 accuracy of a checkpoint on a split of its own (or the given) data source."""
+    """Top-1 accuracy of a checkpoint on a split of its own (or the given) data source.
+
+    Raises ``ConfigError`` before decoding anything when the data's class names (or their order)
+    are not the checkpoint's: label i must mean the class the model's output i was trained on.
+    """
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     source = data or meta.get("data")
+    if not source:
+        raise ConfigError(f"checkpoint {path} records no data source: pass --data")
+    data_names = split_class_names(source, split, cache_dir)
+    model_names = tuple(str(n) for n in meta.get("class_names") or ())
+    mismatch = model_names != data_names if model_names else len(data_names) != int(model.num_classes)
+    if mismatch:
+        recorded = _names_preview(model_names) if model_names else f"{model.num_classes} unnamed classes"
+        order = ""
+        if sorted(model_names) == sorted(data_names):
+            i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a != b)
+            order = (f" (the same names in another order: class {i} is {model_names[i]!r} in the checkpoint, "
+                     f"{data_names[i]!r} in the data)")
+        raise ConfigError(f"checkpoint {path} was trained on {recorded} but {source} {split} has "
+                          f"{_names_preview(data_names)}{order}: evaluate it on the data it was trained on")
     split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
                             progress=False)
     # Normalise with the statistics the model was trained with, not the split's.

@@ -45,6 +45,7 @@ class AttentionOutputs:
     class_logits: torch.Tensor
     attn_logits: dict[int, torch.Tensor]
     attn_probs: dict[int, torch.Tensor]
+    head_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def check_supported(model: torch.nn.Module) -> VisionTransformer:
@@ -120,9 +121,12 @@ def capture_attention(
             x = blk(x)
     x = vit.norm(x)
     class_logits = vit.forward_head(x)
+    head_logits = None
     if isinstance(class_logits, tuple):  # DeiT distilled training mode returns (cls, dist)
+        head_logits = (class_logits[0], class_logits[1])
         class_logits = (class_logits[0] + class_logits[1]) / 2
-    return AttentionOutputs(class_logits=class_logits, attn_logits=attn_logits, attn_probs=attn_probs)
+    return AttentionOutputs(class_logits=class_logits, attn_logits=attn_logits, attn_probs=attn_probs,
+                            head_logits=head_logits)
 
 
 def forward_with_attention(
@@ -148,4 +152,4 @@ class CaptureModule(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         out = capture_attention(self.model, images, self.blocks)
-        return out.class_logits, out.attn_logits
+        return (out.class_logits if out.head_logits is None else out.head_logits), out.attn_logits

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .distill import GATES, WEIGHTINGS
 from .errors import VitkdError
 
 __all__ = ["main", "build_parser"]
@@ -27,10 +28,14 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-epochs", type=float, default=2.0)
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup epochs (default 2, or a tenth of --epochs when that is smaller)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--augment", default="basic", choices=["none", "basic", "strong"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this share of train (same images for every seed) to choose best.safetensors; "
+                        "0 (default): train on all of it and write no best checkpoint")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--compile", action="store_true",
@@ -43,10 +48,17 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
         g = p.add_argument_group("distillation")
         g.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
         g.add_argument("--map", default=None, dest="head_map",
-                       help="default encoder (none with --alpha 1: logit distillation alone); encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;...")
+                       help="encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;... (default "
+                            "encoder; none with --alpha 1: logit distillation alone)")
         g.add_argument("--loss", default="kl", choices=["mse", "ce", "kl"])
         g.add_argument("--alpha", type=float, default=0.5, help="weight of label CE; 1-alpha on attention")
-        g.add_argument("--gate", default="none", choices=["none", "teacher-correct"])
+        g.add_argument("--gate", default="none", choices=list(GATES),
+                       help="attention term only for images the teacher (or the student) classifies correctly")
+        g.add_argument("--weighting", default="none", choices=list(WEIGHTINGS),
+                       help="per-image attention weight: the student's probability of the true class (confidence) "
+                            "or one minus it (doubt), normalised so alpha keeps its meaning")
+        g.add_argument("--kd", default="none", choices=["none", "deit-hard"],
+                       help="deit-hard: DeiT hard-label distillation through the student's distillation token")
         g.add_argument("--kd-weight", type=float, default=0.0, help="extra Hinton logit-KD term weight")
         g.add_argument("--kd-temperature", type=float, default=4.0)
 
@@ -80,14 +92,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("train", "distill"):
         from .train import TrainConfig, train
 
+        warmup = min(2.0, args.epochs / 10) if args.warmup_epochs is None else args.warmup_epochs
         fields = dict(model=args.model, data=args.data, out_dir=args.out, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                      warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
+                      warmup_epochs=warmup, label_smoothing=args.label_smoothing, augment=args.augment,
+                      val_fraction=args.val_fraction,
                       seed=args.seed, img_size=args.img_size, device=args.device, bf16=args.bf16, compile=args.compile,
                       cache_dir=args.cache_dir, download=args.download)
         if args.command == "distill":
             fields.update(teacher=args.teacher, head_map=args.head_map, loss=args.loss, alpha=args.alpha,
-                          gate=args.gate, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+                          gate=args.gate, weighting=args.weighting, kd=args.kd, kd_weight=args.kd_weight,
+                          kd_temperature=args.kd_temperature)
         metrics = train(TrainConfig(**fields), resume=args.resume, stop_after_epochs=args.stop_after,
                         progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":
@@ -118,8 +133,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import TrainingStopped
+
     try:
         return _run(args)
+    except TrainingStopped as exc:  # SIGTERM/SIGINT: stopped cleanly at a step boundary
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except VitkdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,14 +23,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .decode import DECODER_VERSION, IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError
 from .files import atomic_target
 
-__all__ = ["ImageTensors", "load_split", "augment_batch", "iterate_batches", "normalize", "default_cache_dir",
-           "resize_center_crop", "AUGMENT_POLICIES"]
+__all__ = ["ImageTensors", "load_split", "split_class_names", "augment_batch", "iterate_batches", "normalize",
+           "default_cache_dir", "resize_center_crop", "AUGMENT_POLICIES"]
 
 AUGMENT_POLICIES = ("none", "basic", "strong")
-_CACHE_VERSION = 1
+# Cache layout version (2: keys see file sizes and mtimes; test caches no longer hold train stats).
+_CACHE_VERSION = 2
+# Elements per chunk when a whole split goes through a wider dtype (~32 MB of int64 or float).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -52,29 +57,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITKD_CACHE", Path.home() / ".cache" / "vitkd"))
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop to ``size`` x ``size``."""
-    w, h = image.size
-    if (w, h) == (size, size):
-        return image
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+def _chunk_len(images: torch.Tensor) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, images[0].numel())) if len(images) else 1
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    sums = torch.zeros(3, dtype=torch.float64)
-    sq = torch.zeros(3, dtype=torch.float64)
-    for chunk in images.split(4096):
-        x = chunk.to(torch.float64) / 255.0
+    """Per-channel mean and std in [0, 1] of uint8 [N, 3, H, W], rounded to 4 places.
+
+    Sums of values and squares are exact int64, accumulated chunk by chunk (never the whole split at once).
+    """
+    sums = torch.zeros(3, dtype=torch.int64)
+    sq = torch.zeros(3, dtype=torch.int64)
+    for chunk in images.split(_chunk_len(images)):
+        x = chunk.to(torch.int64)
         sums += x.sum(dim=(0, 2, 3))
-        sq += x.pow(2).sum(dim=(0, 2, 3))
+        sq += (x * x).sum(dim=(0, 2, 3))
     n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = sums / n
-    std = (sq / n - mean.pow(2)).clamp(min=1e-12).sqrt()
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+    mean = sums.double() / n
+    std = (sq.double() / n - mean.pow(2)).clamp(min=1e-12).sqrt()
+    return tuple(round(float(v) / 255.0, 4) for v in mean), tuple(round(float(v) / 255.0, 4) for v in std)
 
 
 def _folder_split_dir(root: Path, split: str) -> Path:
@@ -86,15 +87,36 @@ def _folder_split_dir(root: Path, split: str) -> Path:
                       "(expected ROOT/train/<class>/*.jpg and ROOT/test or ROOT/val)")
 
 
-def _list_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+def _folder_classes(split_dir: Path) -> list[str]:
+    from torchvision.datasets.folder import find_classes
 
     try:
-        classes, class_to_idx = find_classes(str(split_dir))
-        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+        return find_classes(str(split_dir))[0]
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"cannot read image folder {split_dir}: {exc}") from exc
+
+
+def _list_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    from torchvision.datasets.folder import make_dataset
+
+    classes = _folder_classes(split_dir)
+    try:
+        samples = make_dataset(str(split_dir), {c: i for i, c in enumerate(classes)}, extensions=IMAGE_EXTENSIONS)
     except (FileNotFoundError, OSError) as exc:
         raise ConfigError(f"cannot read image folder {split_dir}: {exc}") from exc
     return samples, classes
+
+
+def _folder_fingerprint(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
+    """Hash of what the folder holds now: every file's path, label, size and mtime (ns); contents unread."""
+    digest = hashlib.sha256(json.dumps([str(split_dir.resolve()), classes]).encode())
+    try:
+        for path, label in samples:
+            st = os.stat(path)
+            digest.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError as exc:
+        raise ConfigError(f"cannot read image folder {split_dir}: {exc}") from exc
+    return digest.hexdigest()
 
 
 def _decode_folder(samples: list[tuple[str, int]], size: int, desc: str,
@@ -102,85 +124,171 @@ def _decode_folder(samples: list[tuple[str, int]], size: int, desc: str,
     images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
     labels = np.empty(len(samples), dtype=np.int64)
     for i, (path, label) in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=1.0, disable=not progress)):
-        with Image.open(path) as img:
-            images[i] = np.asarray(resize_center_crop(img.convert("RGB"), size))
+        try:
+            images[i] = np.asarray(resize_center_crop(open_rgb(path), size))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"cannot decode {path} ({exc}): remove or replace the file") from exc
         labels[i] = label
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
-def _load_torchvision(name: str, split: str, cache_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                       list[str]]:
+def _torchvision_dataset(name: str, split: str, cache_dir: Path, download: bool) -> Any:
     from torchvision import datasets
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
     root = cache_dir / "torchvision"
     try:
-        ds = cls(str(root), train=(split == "train"), download=download)
+        return cls(str(root), train=(split == "train"), download=download)  # md5-checked by torchvision
     except RuntimeError as exc:
         raise ConfigError(f"{name} is not in {root}: pass --download (needs a network) or use "
                           f"imagefolder:PATH ({exc})") from exc
+
+
+def _load_torchvision(name: str, split: str, cache_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       list[str]]:
+    ds = _torchvision_dataset(name, split, cache_dir, download)
     images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
     return images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)
 
 
-def _cache_key(source: str, split: str, size: int, fingerprint: str) -> str:
-    raw = json.dumps([_CACHE_VERSION, source, split, size, fingerprint])
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 [N, 3, H, W] to ``size``, chunk by chunk."""
+    parts = [torch.nn.functional.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True)
+             .round().clamp(0, 255).to(torch.uint8) for part in images.split(_chunk_len(images))]
+    return torch.cat(parts)
+
+
+def _cache_path(cache: Path, source: str, split: str, size: int, fingerprint: str) -> Path:
+    """``SLOT-KEY.safetensors``: the slot names (source, split, size), the key what was decoded and how."""
+    slot = hashlib.sha256(json.dumps([_CACHE_VERSION, source, split, size]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([DECODER_VERSION, fingerprint]).encode()).hexdigest()[:16]
+    return cache / f"{slot}-{key}.safetensors"
+
+
+class _Entry(NamedTuple):
+    """Where a split's cache lives, and what to decode on a miss (no samples: a torchvision dataset)."""
+
+    path: Path
+    samples: list[tuple[str, int]]
+    classes: list[str]
+    split_dir: Path | None
+
+
+def _check_source(source: str, split: str) -> None:
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if not source.startswith("imagefolder:") and source not in ("cifar10", "cifar100"):
+        raise ConfigError(f"unknown data source {source!r}: use cifar10, cifar100 or imagefolder:PATH")
+
+
+def _folder_split(source: str, split: str) -> Path:
+    root = Path(source.split(":", 1)[1]).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"image folder {root} does not exist")
+    return _folder_split_dir(root, split)
+
+
+def _cache_entry(source: str, split: str, img_size: int, cache: Path) -> _Entry:
+    """The cache file for ``split`` as the data is on disk now (image folders: listed and stat'ed)."""
+    if not source.startswith("imagefolder:"):
+        # torchvision checks its files' md5 sums, so the name alone pins the content.
+        return _Entry(_cache_path(cache, source, split, img_size, source), [], [], None)
+    split_dir = _folder_split(source, split)
+    samples, classes = _list_folder(split_dir)
+    if not samples:
+        raise ConfigError(f"no images found under {split_dir}")
+    fingerprint = _folder_fingerprint(split_dir, samples, classes)
+    return _Entry(_cache_path(cache, source, split, img_size, fingerprint), samples, classes, split_dir)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The JSON metadata in a cache file's header (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["meta"])
+
+
+def _read_cache(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+    """A cached split, or None when absent; a broken file is deleted (rebuilt, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        meta = _read_meta(path)
+        if split == "train":
+            _stats_from(meta)
+        return tensors["images"], tensors["labels"], meta
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _stats_from(meta: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"cache holds {len(mean)}/{len(std)} channel statistics, expected 3")
+    return mean, std
+
+
+def _train_stats(source: str, img_size: int, cache: Path, download: bool,
+                 progress: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the train split as it is on disk now: from its current cache's header, else by loading it."""
+    path = _cache_entry(source, "train", img_size, cache).path
+    try:
+        return _stats_from(_read_meta(path))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        train = load_split(source, "train", img_size, cache, download, progress)
+        return train.mean, train.std
+
+
+def split_class_names(source: str, split: str, cache_dir: str | Path | None = None,
+                      download: bool = False) -> tuple[str, ...]:
+    """The class names ``load_split`` would give, without decoding (image folders: the subfolder names)."""
+    _check_source(source, split)
+    if source.startswith("imagefolder:"):
+        return tuple(_folder_classes(_folder_split(source, split)))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return tuple(_torchvision_dataset(source, split, cache, download).classes)
 
 
 def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | None = None,
                download: bool = False, progress: bool = True) -> ImageTensors:
     """Load ``train`` or ``test`` of ``cifar10``, ``cifar100`` or ``imagefolder:PATH`` at ``img_size``.
 
-    The decoded tensor is cached under ``cache_dir`` keyed by source, split, size and the file
-    list, so the second load is a file read. Mean/std always come from the train split.
+    The decoded tensor is cached under ``cache_dir``, keyed by source, split, size, decoder version
+    and every file's path, size and mtime, so the second load is a file read and any change on
+    disk rebuilds it. Mean/std always come from the train split as it is now.
     """
-    if split not in ("train", "test"):
-        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    _check_source(source, split)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if source.startswith("imagefolder:"):
-        root = Path(source.split(":", 1)[1]).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"image folder {root} does not exist")
-        split_dir = _folder_split_dir(root, split)
-        samples, classes = _list_folder(split_dir)
-        if not samples:
-            raise ConfigError(f"no images found under {split_dir}")
-        fingerprint = hashlib.sha256("\n".join(f"{p}:{lbl}" for p, lbl in samples).encode()).hexdigest()
-        fingerprint += f":{str(root.resolve())}"
-    elif source in ("cifar10", "cifar100"):
-        samples, classes, fingerprint = [], [], source
+    entry = _cache_entry(source, split, img_size, cache)
+    cached = _read_cache(entry.path, split)
+    if cached is not None:
+        images, labels, meta = cached
+        classes = list(meta["classes"])
     else:
-        raise ConfigError(f"unknown data source {source!r}: use cifar10, cifar100 or imagefolder:PATH")
-
-    path = cache / f"{_cache_key(source, split, img_size, fingerprint)}.safetensors"
-    if path.is_file():
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads(handle.metadata()["meta"])
-            return ImageTensors(tensors["images"], tensors["labels"], tuple(meta["classes"]), tuple(meta["mean"]),
-                                tuple(meta["std"]), source, split)
-        except (SafetensorError, OSError, KeyError, ValueError):
-            path.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
-
-    if samples:
-        images, labels = _decode_folder(samples, img_size, f"decode {split_dir}", progress)
-    else:
-        images, labels, classes = _load_torchvision(source, split, cache, download)
-        if images.shape[-1] != img_size:
-            images = torch.nn.functional.interpolate(images.float(), size=(img_size, img_size), mode="bilinear",
-                                                     antialias=True).round().clamp(0, 255).to(torch.uint8)
+        if entry.samples:
+            images, labels = _decode_folder(entry.samples, img_size, f"decode {entry.split_dir}", progress)
+            classes = entry.classes
+        else:
+            images, labels, classes = _load_torchvision(source, split, cache, download)
+            if images.shape[-1] != img_size:
+                images = _resize_uint8(images, img_size)
+        meta = {"classes": list(classes), "source": source, "split": split}
+        if split == "train":  # only train holds stats; a test split reads them from train's current cache
+            mean, std = _channel_stats(images)
+            meta.update(mean=list(mean), std=list(std))
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_target(entry.path) as tmp:
+            save_file({"images": images, "labels": labels}, str(tmp), metadata={"meta": json.dumps(meta)})
+        slot = entry.path.name.split("-")[0]
+        for stale in entry.path.parent.glob(f"{slot}-*.safetensors"):  # earlier versions of this data
+            if stale != entry.path:
+                stale.unlink(missing_ok=True)
     if split == "train":
-        mean, std = _channel_stats(images)
+        mean, std = _stats_from(meta)
     else:
-        train = load_split(source, "train", img_size, cache, download, progress)
-        mean, std = train.mean, train.std
-    meta = {"classes": list(classes), "mean": list(mean), "std": list(std), "source": source, "split": split}
-    cache.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp:
-        save_file({"images": images, "labels": labels}, str(tmp), metadata={"meta": json.dumps(meta)})
-    return ImageTensors(images, labels, tuple(classes), tuple(mean), tuple(std), source, split)
+        mean, std = _train_stats(source, img_size, cache, download, progress)
+    return ImageTensors(images, labels, tuple(classes), mean, std, source, split)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -230,7 +338,8 @@ def iterate_batches(data: ImageTensors, batch_size: int, *, train: bool, seed: i
     """Yield normalised float batches ``(images [B, 3, H, W], labels [B])`` for one epoch.
 
     Training batches are shuffled and augmented from a generator seeded by (seed, epoch);
-    with ``world_size > 1`` each rank takes an equal, disjoint share of the permutation.
+    with ``world_size > 1`` each rank takes an equal, disjoint share of the permutation and
+    draws its augmentation from its own generator, seeded by (seed, epoch, rank).
     """
     n = len(data)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -238,6 +347,7 @@ def iterate_batches(data: ImageTensors, batch_size: int, *, train: bool, seed: i
     if world_size > 1:
         per_rank = n // world_size if train else -(-n // world_size)
         order = order[rank::world_size][:per_rank]
+        generator = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + rank + 1)
     drop_last = train if drop_last is None else drop_last
     stop = len(order) - (len(order) % batch_size if drop_last and len(order) >= batch_size else 0)
     for start in range(0, stop, batch_size):

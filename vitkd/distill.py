@@ -14,11 +14,13 @@ from .errors import ConfigError, IncompatibleModelsError
 
 __all__ = ["per_sample_attention_loss", "HeadPair", "HeadMap", "head_to_head", "block_to_block", "encoder_to_encoder",
            "parse_head_map", "attention_loss", "gather_heads", "distillation_loss", "logit_kd",
-           "logit_distillation_loss", "LOSS_KINDS", "GATES"]
+           "logit_distillation_loss", "deit_hard_loss", "drop_distillation_token", "LOSS_KINDS",
+           "GATES", "WEIGHTINGS"]
 
 LossKind = Literal["mse", "ce", "kl"]
 LOSS_KINDS: tuple[str, ...] = ("mse", "ce", "kl")
-GATES: tuple[str, ...] = ("none", "teacher-correct")
+GATES: tuple[str, ...] = ("none", "teacher-correct", "student-correct")
+WEIGHTINGS: tuple[str, ...] = ("none", "student-confidence", "student-doubt")
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,23 @@ def gather_heads(attn_logits: dict[int, torch.Tensor], pairs: Sequence[HeadPair]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def drop_distillation_token(attn_logits: torch.Tensor) -> torch.Tensor:
+    """A DeiT model's maps [B, P, T, T] (CLS, distillation token, patches) without the distillation token.
+
+    Removes token 1's row and column: [B, P, T - 1, T - 1], laid out like a one-prefix-token
+    ViT's maps (CLS, patches), so a DeiT student can follow a plain ViT teacher (or the other
+    way round). The maps stay pre-softmax logits: the ``ce``/``kl`` losses then compare the
+    student's attention renormalised over CLS and patches (what it gives them, whatever it
+    gives its distillation token); ``mse`` compares the remaining logits.
+    """
+    if attn_logits.shape[-1] < 3 or attn_logits.shape[-1] != attn_logits.shape[-2]:
+        raise IncompatibleModelsError(f"expected [..., T, T] DeiT attention maps with T >= 3, got "
+                                      f"{tuple(attn_logits.shape)}")
+    t = attn_logits.shape[-1]
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2, t)]).to(attn_logits.device)
+    return attn_logits.index_select(-2, keep).index_select(-1, keep)
+
+
 class _SoftTargetRowLoss(torch.autograd.Function):
     """Per-row ``-sum p_t log p_s`` (``+ sum p_t log p_t`` for KL) against a fixed teacher.
 
@@ -249,7 +268,7 @@ def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     Reduction: each query row gives one number (keys summed for ``ce``/``kl``, averaged for
     ``mse``); rows are averaged over the batch, the mapped pairs and the query rows, so a
     given alpha weighs the attention term the same for head-, block- and encoder-level maps.
-    ``reduction="none"`` returns the per-sample mean [B] (used by the teacher-correct gate).
+    ``reduction="none"`` returns the per-sample mean [B] (what the gates and weightings reweigh).
     Probabilities are computed in float32 and log space. ``per_sample_fn`` (a compiled
     ``per_sample_attention_loss`` of the same kind) replaces the eager computation.
     """
@@ -274,6 +293,29 @@ def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
+def _attention_weights(student_class_logits: torch.Tensor, labels: torch.Tensor,
+                       teacher_class_logits: torch.Tensor | None, gate: str, weighting: str) -> torch.Tensor | None:
+    """Per-sample weights [B] of the attention term (None: plain mean); no gradient flows through them."""
+    if gate not in GATES:
+        raise ConfigError(f"unknown gate {gate!r}: use one of {', '.join(GATES)}")
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    weights = None
+    if gate == "teacher-correct":
+        if teacher_class_logits is None:
+            raise ConfigError("the teacher-correct gate needs the teacher's class logits")
+        weights = (teacher_class_logits.argmax(-1) == labels).float()
+    elif gate == "student-correct":
+        weights = (student_class_logits.detach().argmax(-1) == labels).float()
+    if weighting != "none":
+        logits = student_class_logits.detach()
+        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        p_true = probs.gather(1, labels[:, None]).squeeze(1)
+        soft = p_true if weighting == "student-confidence" else 1.0 - p_true
+        weights = soft if weights is None else weights * soft
+    return weights
+
+
 def distillation_loss(
     student_class_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -287,28 +329,60 @@ def distillation_loss(
     kd_weight: float = 0.0,
     kd_temperature: float = 4.0,
     per_sample_fn: PerSampleLoss | None = None,
+    weighting: str = "none",
+    student_dist_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``alpha * CE(labels) + (1 - alpha) * L_att`` (+ ``kd_weight * T^2 KL`` on logits if asked).
 
-    ``gate="teacher-correct"`` drops the attention term for samples the teacher gets wrong;
-    the kept samples are averaged. Returns the total and each term (for logging).
+    Which images the attention term sees, with per-image attention losses ``l_i`` and weights ``w_i``:
+
+    - ``gate="teacher-correct"``: ``w_i = 1`` if the teacher classifies image i correctly, else 0;
+    - ``gate="student-correct"``: ``w_i = 1`` if the student's argmax (this forward) is the label, else 0;
+    - ``weighting="student-confidence"``: ``w_i = p_student(y_i)`` (softmax of the student's class
+      logits); ``"student-doubt"``: ``w_i = 1 - p_student(y_i)``. A gate multiplies the weighting.
+
+    The attention term is the weighted mean ``L_att = sum_i w_i l_i / sum_i w_i`` (0 when every
+    ``w_i`` is 0), so alpha keeps its meaning; with no gate and no weighting it is the plain mean
+    over the batch. The weights are detached: the student is never pushed to change its
+    predictions to gain or lose attention signal.
+
+    DeiT student (``student_dist_logits`` [B, C], the distillation head's logits, with
+    ``student_class_logits`` the class head's): the label term ``CE(labels)`` becomes
+    ``deit_hard_loss`` (0.5 CE of the class head with the labels + 0.5 CE of the distillation
+    head with the teacher's argmax), so the total is ``alpha * deit_hard + (1 - alpha) * L_att``
+    and ``terms["kd"]`` is the distillation head's CE. The student-correct gate and the
+    weightings then read the student's prediction, the mean of the two heads. This replaces the
+    Hinton logit term: ``kd_weight`` must be 0.
+
+    Returns the total (``"loss"``) and each term, detached (``"ce"``, ``"att"``, ``"kd"``), for logging.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-    if gate not in GATES:
-        raise ConfigError(f"unknown gate {gate!r}: use one of {', '.join(GATES)}")
-    ce = F.cross_entropy(student_class_logits.float(), labels, label_smoothing=label_smoothing)
-    per_sample = attention_loss(student_attn, teacher_attn, kind, reduction="none", per_sample_fn=per_sample_fn)
-    if gate == "teacher-correct":
-        if teacher_class_logits is None:
-            raise ConfigError("the teacher-correct gate needs the teacher's class logits")
-        keep = (teacher_class_logits.argmax(-1) == labels).float()
-        att = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
+    predicted = student_class_logits if student_dist_logits is None else (student_class_logits
+                                                                           + student_dist_logits) / 2
+    weights = _attention_weights(predicted, labels, teacher_class_logits, gate, weighting)
+    if student_dist_logits is None:
+        ce = F.cross_entropy(student_class_logits.float(), labels, label_smoothing=label_smoothing)
+        label_term = ce
     else:
+        if kd_weight > 0:
+            raise ConfigError("a DeiT student distils the teacher's logits through its distillation head; "
+                              "drop the logit KD weight (kd_weight 0)")
+        if teacher_class_logits is None:
+            raise ConfigError("DeiT hard distillation needs the teacher's class logits")
+        hard = deit_hard_loss(student_class_logits, student_dist_logits, labels, teacher_class_logits,
+                              label_smoothing)
+        ce, label_term = hard["ce"], hard["loss"]
+    per_sample = attention_loss(student_attn, teacher_attn, kind, reduction="none", per_sample_fn=per_sample_fn)
+    if weights is None:
         att = per_sample.mean()
-    total = alpha * ce + (1.0 - alpha) * att
+    else:  # weighted mean; with all weights 0 the numerator is 0 and so is the term (and its gradient)
+        att = (per_sample * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    total = alpha * label_term + (1.0 - alpha) * att
     terms = {"ce": ce.detach(), "att": att.detach()}
-    if kd_weight > 0:
+    if student_dist_logits is not None:
+        terms["kd"] = hard["kd"]
+    elif kd_weight > 0:
         if teacher_class_logits is None:
             raise ConfigError("logit distillation needs the teacher's class logits")
         kd = logit_kd(student_class_logits, teacher_class_logits, kd_temperature)
@@ -333,3 +407,23 @@ def logit_distillation_loss(student_class_logits: torch.Tensor, labels: torch.Te
     ce = F.cross_entropy(student_class_logits.float(), labels, label_smoothing=label_smoothing)
     kd = logit_kd(student_class_logits, teacher_class_logits, kd_temperature)
     return {"loss": ce + kd_weight * kd, "ce": ce.detach(), "kd": kd.detach()}
+
+
+def deit_hard_loss(class_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
+                   teacher_class_logits: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """DeiT's hard-label distillation: ``0.5 * CE(class head, labels) + 0.5 * CE(dist head, teacher argmax)``.
+
+    ``class_logits`` and ``dist_logits`` [B, C] are the student's two heads (timm's
+    ``VisionTransformerDistilled`` in distilled training mode), ``teacher_class_logits`` [B, C].
+    The equal 0.5/0.5 split is DeiT's (Touvron et al. 2021, hard distillation): the teacher's
+    decision counts as much as the true label. Label smoothing applies to the label term only;
+    the teacher's argmax is taken as is, as in DeiT. Returns ``{"loss", "ce", "kd"}`` (the
+    last two detached: the class head's and the distillation head's cross-entropy).
+    """
+    if class_logits.shape != dist_logits.shape or class_logits.shape != teacher_class_logits.shape:
+        raise IncompatibleModelsError(
+            f"DeiT hard distillation needs [B, C] logits of one shape; got class head {tuple(class_logits.shape)}, "
+            f"distillation head {tuple(dist_logits.shape)}, teacher {tuple(teacher_class_logits.shape)}")
+    ce = F.cross_entropy(class_logits.float(), labels, label_smoothing=label_smoothing)
+    kd = F.cross_entropy(dist_logits.float(), teacher_class_logits.detach().argmax(-1))
+    return {"loss": 0.5 * ce + 0.5 * kd, "ce": ce.detach(), "kd": kd.detach()}

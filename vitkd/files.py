@@ -16,7 +16,8 @@ def atomic_target(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temp path beside ``path``; when the block succeeds, ``os.replace`` it onto ``path``.
 
     ``mode`` is set before the rename (``mkstemp`` makes 0600, but checkpoints and results
-    are meant to be shared, e.g. copied into a Docker image).
+    are meant to be shared, e.g. copied into a Docker image). The file is fsynced before the
+    rename and its directory after it, so a power loss leaves the old or the new file, whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,10 +27,20 @@ def atomic_target(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

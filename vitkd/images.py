@@ -2,7 +2,8 @@
 
 ``load_image`` reads only the header before deciding whether to decode, so a huge or
 malicious file is rejected without allocating its pixels. Everything a user can get
-wrong raises ``ImageError`` with a message naming the problem.
+wrong raises ``ImageError`` with a message naming the problem. The pixels themselves come from
+``vitkd.decode``, the decoder training data and scans use, so an upload is the image they see.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from .data import normalize, resize_center_crop
+from .data import normalize
+from .decode import decode_rgb, resize_center_crop, to_rgb
 from .errors import ImageError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "Preprocessed", "load_image", "to_rgb", "preprocess"]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: a large photo; ~150 MB decoded, still bounded
 MIN_SIDE = 8  # below this an image carries no usable content for a patch grid
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class Preprocessed(NamedTuple):
@@ -73,39 +73,11 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise ImageError(f"{what} is {width}x{height} pixels; images need at least {min_side} pixels "
                              "on each side")
         try:
-            image.seek(0)  # first frame of a GIF / multi-frame file
-            image.load()  # decode now: truncated data raises here, not later in a page
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return decode_rgb(image)  # the decoder training data and scans use too
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{what} is too large to decode safely ({exc})") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"{what} is truncated or corrupt and cannot be decoded ({exc})") from exc
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: alpha is composited on white, 16-bit greyscale is scaled to 8 bits.
-
-    PIL's own ``convert`` clips 16-bit values at 255 (almost all white), hence the explicit scaling.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image.copy()
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        # "I" is how 16-bit PNG/TIFF greyscale reaches older Pillow: treat it as 0..65535.
-        values = np.asarray(image).astype(np.float64)
-        grey = np.clip(np.rint(np.clip(values, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-    elif mode in ("PA", "LA", "La", "RGBa"):
-        image = image.convert("RGBA")
-    elif mode == "L" or mode == "1":
-        image = image.convert("RGB")
-    if image.mode == "RGBA":
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image).convert("RGB")
-    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, F (clipped to 0..255), RGB copies
 
 
 def preprocess(image: Image.Image | np.ndarray, img_size: int, mean: tuple[float, ...] | list[float],

@@ -1,4 +1,8 @@
-"""ViT presets and one builder; every model is a timm ``VisionTransformer`` (or subclass)."""
+"""ViT presets and one builder; every model is a timm ``VisionTransformer`` (or subclass).
+
+Presets named in ``DISTILLED_PRESETS`` build timm's ``VisionTransformerDistilled`` (DeiT): a
+distillation token after CLS (two prefix tokens) and a second classifier head on it.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,20 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "PRESETS", "build_model", "count_parameters", "describe_model", "model_config",
-           "default_img_size"]
+__all__ = ["ModelConfig", "PRESETS", "DISTILLED_PRESETS", "build_model", "count_parameters", "describe_model",
+           "model_config", "default_img_size", "has_distillation_token"]
 
 # Presets are data: keyword arguments for timm's VisionTransformer.
 _SEED_COMMON = dict(img_size=32, patch_size=8, embed_dim=64, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
 _CIFAR_COMMON = dict(img_size=32, patch_size=4, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
 _NETTE_COMMON = dict(img_size=128, patch_size=16, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
+_CIFAR_STUDENT = MappingProxyType(dict(_CIFAR_COMMON, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0))
+_NETTE_STUDENT = MappingProxyType(dict(_NETTE_COMMON, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0))
 
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # The method's CIFAR-100 pair: 32x32, 4x4 grid of 8x8 patches (16 patches + CLS), embed 64.
@@ -29,11 +36,17 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "seed-student": MappingProxyType(dict(_SEED_COMMON, depth=7, num_heads=4, mlp_ratio=512 / 64)),
     # Bundled CIFAR-10 pair: patch 4 gives an 8x8 grid (64 patches + CLS) for richer maps.
     "cifar-teacher": MappingProxyType(dict(_CIFAR_COMMON, embed_dim=96, depth=6, num_heads=8, mlp_ratio=2.0)),
-    "cifar-student": MappingProxyType(dict(_CIFAR_COMMON, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)),
+    "cifar-student": _CIFAR_STUDENT,
     # Bundled Imagenette pair: 128x128 photos, patch 16 gives the same 8x8 grid.
     "nette-teacher": MappingProxyType(dict(_NETTE_COMMON, embed_dim=96, depth=6, num_heads=8, mlp_ratio=2.0)),
-    "nette-student": MappingProxyType(dict(_NETTE_COMMON, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)),
+    "nette-student": _NETTE_STUDENT,
+    # DeiT students: the students above plus a distillation token and head (see DISTILLED_PRESETS).
+    "cifar-student-deit": _CIFAR_STUDENT,
+    "nette-student-deit": _NETTE_STUDENT,
 })
+# Presets built as timm's VisionTransformerDistilled. The preset name alone decides the class, so a
+# checkpoint's recorded ModelConfig (name + overrides) rebuilds the same architecture.
+DISTILLED_PRESETS: frozenset[str] = frozenset({"cifar-student-deit", "nette-student-deit"})
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,9 @@ def build_model(
         if config.img_size is not None:
             preset["img_size"] = config.img_size
         preset.update(kwargs)
+        model_cls = VisionTransformerDistilled if config.name in DISTILLED_PRESETS else VisionTransformer
         try:
-            model = VisionTransformer(**preset)
+            model = model_cls(**preset)
         except (TypeError, AssertionError, ValueError) as exc:
             raise ConfigError(f"cannot build preset {config.name!r} with {kwargs}: {exc}") from exc
     else:
@@ -120,6 +134,15 @@ def model_config(model: torch.nn.Module) -> ModelConfig:
     return config
 
 
+def has_distillation_token(model: torch.nn.Module) -> bool:
+    """True for timm's ``VisionTransformerDistilled`` (DeiT): CLS and distillation tokens, two heads.
+
+    In training mode with ``model.set_distilled_training(True)`` its forward returns
+    ``(class head logits, distillation head logits)``; otherwise the mean of the two heads.
+    """
+    return isinstance(model, VisionTransformerDistilled)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -138,6 +161,7 @@ def describe_model(model: VisionTransformer) -> dict[str, Any]:
         "img_size": list(model.patch_embed.img_size),
         "patch_size": list(model.patch_embed.patch_size),
         "num_classes": model.num_classes,
+        "distillation_token": has_distillation_token(model),
     }
 
 

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .attention import capture_attention, token_layout
-from .data import normalize, resize_center_crop
+from .data import normalize
+from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError, IncompatibleModelsError
 from .rollout import attention_rollout
 
@@ -34,7 +35,6 @@ GROUP_TITLES: Mapping[str, str] = {
     "both_wrong": "Both wrong",
     "both_right": "Both right",
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -154,14 +154,15 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch
 
 
 def _open_rgb(paths: Sequence[Path]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
-    """The decodable images as RGB, their positions in ``paths``, and ``(path, reason)`` for the rest."""
+    """The decodable images as RGB (``vitkd.decode``, as training data), their positions in ``paths``,
+    and ``(path, reason)`` for the rest."""
     images, kept, skipped = [], [], []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
+            images.append(open_rgb(path))
             kept.append(i)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+                EOFError) as exc:
             skipped.append((str(path), f"cannot decode: {exc}"))
     return images, kept, skipped
 

@@ -1,49 +1,58 @@
 """Training and distillation: ``TrainConfig`` (the one config type), the epoch loop, evaluation, resume.
 
-A run lives in ``out_dir``: ``last.safetensors`` and ``best.safetensors`` (vitkd checkpoints),
-``last.state.safetensors`` (optimizer, step, RNG: what ``resume`` needs), ``metrics.jsonl``
-(one line per epoch) and ``progress.json`` (live position, for the app). Everything is
-written atomically every epoch, by rank 0 only under torchrun.
+``train`` reads as set-up -> restore -> epoch -> commit. A run lives in a ``RunDir``
+(``vitkd.rundir``: the folder's layout, its lock and the one commit point per epoch);
+rank 0 alone writes under torchrun.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
-from .attention import CaptureModule, capture_attention, token_layout
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from .attention import CaptureModule, TokenLayout, capture_attention, token_layout
+from .checkpoint import load_checkpoint, read_checkpoint_meta
 from .compiling import CompiledOrEager
 from .data import AUGMENT_POLICIES, ImageTensors, iterate_batches, load_split, num_batches
 from .distill import (
     GATES,
     LOSS_KINDS,
+    WEIGHTINGS,
     HeadMap,
+    deit_hard_loss,
     distillation_loss,
+    drop_distillation_token,
     gather_heads,
     logit_distillation_loss,
     parse_head_map,
     per_sample_attention_loss,
 )
-from .errors import CheckpointError, ConfigError, VitkdError
-from .files import write_text_atomic
-from .models import build_model, count_parameters, default_img_size
+from .errors import CheckpointError, ConfigError, IncompatibleModelsError, VitkdError
+from .models import ModelConfig, build_model, count_parameters, default_img_size, has_distillation_token
+from .rundir import RunDir
 
-__all__ = ["TrainConfig", "train", "evaluate", "lr_at_step", "resolve_device"]
+__all__ = ["TrainConfig", "TrainingStopped", "train", "evaluate", "lr_at_step", "resolve_device"]
+
+KD_KINDS: tuple[str, ...] = ("none", "deit-hard")
+
+# Fixed, independent of the run seed: every run and seed of a study holds out the same images.
+_VAL_SPLIT_SEED = 20_251_129
 
 
 # Options that change how a run executes, not what it computes: free to change on --resume.
@@ -56,6 +65,8 @@ class TrainConfig:
 
     ``teacher=None`` trains the model on labels alone (teacher or baseline student);
     otherwise the loss is ``alpha * CE + (1 - alpha) * L_att`` over the head map.
+    ``val_fraction`` holds out that share of train (the same images for every seed) to choose
+    ``best.safetensors``; with 0 (the default) no best checkpoint is written.
     """
 
     model: str
@@ -77,6 +88,8 @@ class TrainConfig:
     loss: str = "kl"
     alpha: float = 1.0
     gate: str = "none"
+    weighting: str = "none"
+    kd: str = "none"
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     device: str = "auto"
@@ -85,10 +98,16 @@ class TrainConfig:
     download: bool = False
     eval_batch_size: int = 512
     compile: bool = False
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} "
+                              "epochs: the learning rate would never decay")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.augment not in AUGMENT_POLICIES:
@@ -97,17 +116,23 @@ class TrainConfig:
             raise ConfigError(f"unknown attention loss {self.loss!r}: use one of {', '.join(LOSS_KINDS)}")
         if self.gate not in GATES:
             raise ConfigError(f"unknown gate {self.gate!r}: use one of {', '.join(GATES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {self.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+        if self.kd not in KD_KINDS:
+            raise ConfigError(f"unknown --kd {self.kd!r}: use one of {', '.join(KD_KINDS)}")
+        if self.kd == "deit-hard" and self.kd_weight > 0:
+            raise ConfigError("--kd deit-hard already distils the teacher's decisions: drop --kd-weight")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.teacher is not None and self.alpha == 1.0 and self.head_map is not None:
             raise ConfigError("alpha 1 gives the attention term no weight: pass --alpha below 1 or no --map "
                               "(logit distillation alone is --alpha 1 --kd-weight W without --map)")
-        if self.teacher is not None and self.alpha == 1.0 and self.kd_weight <= 0:
+        if self.teacher is not None and self.alpha == 1.0 and self.kd_weight <= 0 and self.kd == "none":
             raise ConfigError("with alpha 1 and no --kd-weight the teacher teaches nothing: lower --alpha for "
                               "attention distillation or set --kd-weight for logit distillation")
         if self.teacher is not None and self.alpha < 1.0 and self.head_map is None:
             self.head_map = "encoder"
-        if self.teacher is None and (self.alpha != 1.0 or self.kd_weight > 0):
+        if self.teacher is None and (self.alpha != 1.0 or self.kd_weight > 0 or self.kd != "none"):
             raise ConfigError("alpha < 1 and logit distillation need a --teacher checkpoint")
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,39 +204,84 @@ def _dist_info() -> tuple[int, int]:
     return rank, world_size
 
 
-def _load_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    teacher, teacher_meta = load_checkpoint(config.teacher, device=device)
-    teacher.requires_grad_(False)
-    return teacher.eval(), teacher_meta
+class TrainingStopped(VitkdError):
+    """SIGTERM or SIGINT stopped the run at a step boundary; ``--resume`` continues from ``resume_epoch``."""
+
+    def __init__(self, signum: int, epoch: int, resume_epoch: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} during epoch {epoch}; --resume continues after epoch {resume_epoch} "
+                         f"(the last committed)")
+        self.signum = signum
+        self.resume_epoch = resume_epoch
 
 
-def _teacher_outputs(teacher: torch.nn.Module, blocks: tuple[int, ...],
-                     images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    out = capture_attention(teacher, images, blocks)
-    return out.class_logits, out.attn_logits
+class _StopOnSignals:
+    """SIGTERM/SIGINT only set a flag; the loop checks it between steps (no half-written file)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
-def _resolve_head_map(config: TrainConfig, teacher: torch.nn.Module, student: torch.nn.Module) -> HeadMap:
-    t_layout, s_layout = token_layout(teacher), token_layout(student)
-    t_depth, s_depth = len(teacher.blocks), len(student.blocks)
-    t_heads, s_heads = teacher.blocks[0].attn.num_heads, student.blocks[0].attn.num_heads
-    head_map = parse_head_map(config.head_map or "encoder", t_depth, t_heads, s_depth, s_heads)
-    return head_map.validate(t_depth, t_heads, s_depth, s_heads, t_layout.num_tokens, s_layout.num_tokens)
+@dataclass
+class _Run:
+    """What the epochs of one run share: set up once, read-only afterwards (except the optimizer)."""
+
+    config: TrainConfig
+    run_dir: RunDir
+    rank: int
+    world_size: int
+    device: torch.device
+    train_data: ImageTensors
+    val_data: ImageTensors | None
+    test_data: ImageTensors
+    student: torch.nn.Module
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_meta: dict[str, Any]
+    teacher: torch.nn.Module | None = None
+    head_map: HeadMap | None = None
+    teacher_capture: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
+    per_sample_fn: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def train(
-    config: TrainConfig,
-    resume: bool = False,
-    stop_after_epochs: int | None = None,
-    progress: bool = True,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train (or distill) per ``config``; returns the last epoch's metrics.
+@dataclass
+class _Position:
+    """Where the run stands; everything here goes into the commit."""
 
-    ``resume`` continues from ``out_dir/last.state.safetensors`` so an interrupted run ends
-    with the same weights as an uninterrupted one. ``stop_after_epochs`` ends this call early
-    (the schedule still spans ``config.epochs``), which is how an interruption is simulated.
-    """
+    epoch: int = 0
+    step: int = 0
+    wall_before: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_meta: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------- set-up
+
+def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     rank, world_size = _dist_info()
     device = resolve_device(config.device)
     if world_size > 1 and not dist.is_initialized():
@@ -219,70 +289,125 @@ def train(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
-    out_dir = Path(config.out_dir)
-    state_path = out_dir / "last.state.safetensors"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    return rank, world_size, device
 
+
+def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
+    """Cheap checks that need no decoded data: the teacher file, the head map, the token layouts.
+
+    Both models are built on the meta device (no memory, no RNG draws). Returns the teacher's metadata.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        student = build_model(config.model, num_classes=10, img_size=config.img_size, **config.model_overrides)
+    if float(getattr(student.patch_drop, "prob", 0.0) or 0.0) > 0 and config.teacher is not None:
+        raise ConfigError("patch_drop_rate > 0 drops student tokens the teacher keeps; attention maps would not "
+                          "line up: use patch_drop_rate 0 for distillation")
+    deit = has_distillation_token(student)
+    if config.kd == "deit-hard" and not deit:
+        raise ConfigError(f"--kd deit-hard needs a student with a distillation token (e.g. cifar-student-deit), "
+                          f"not {config.model}")
+    if deit and config.kd != "deit-hard":
+        raise ConfigError(f"{config.model} has a distillation token: train it with --teacher and --kd deit-hard "
+                          "(its second head learns the teacher's decisions)")
+    if config.teacher is None:
+        return None
+    teacher_meta = read_checkpoint_meta(config.teacher)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            teacher = build_model(ModelConfig.from_dict(teacher_meta["model"]))
+    except VitkdError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{config.teacher}: cannot rebuild the teacher from its metadata ({exc})") from exc
+    t_layout, s_layout = token_layout(teacher), _compared_layout(token_layout(student), teacher, student)
+    if t_layout != s_layout:
+        raise IncompatibleModelsError(f"teacher tokens {t_layout} and student tokens {s_layout} differ: distillation "
+                                      "needs the same patch grid and prefix tokens")
+    if config.head_map is not None:
+        _resolve_head_map(config, teacher, student)
+    return teacher_meta
+
+
+def _drops_distillation_token(teacher: torch.nn.Module, student: torch.nn.Module) -> bool:
+    """A DeiT student follows a plain teacher: its maps lose the distillation token's row and column."""
+    return has_distillation_token(student) and not has_distillation_token(teacher)
+
+
+def _compared_layout(s_layout: TokenLayout, teacher: torch.nn.Module, student: torch.nn.Module) -> TokenLayout:
+    if _drops_distillation_token(teacher, student):
+        return TokenLayout(s_layout.num_prefix_tokens - 1, s_layout.grid_size)
+    return s_layout
+
+
+def _split_validation(train_data: ImageTensors, fraction: float) -> tuple[ImageTensors, ImageTensors | None]:
+    """Hold out ``fraction`` of train, the same images for every run and seed (a fixed generator)."""
+    if fraction <= 0:
+        return train_data, None
+    n = len(train_data)
+    n_val = max(1, round(n * fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_VAL_SPLIT_SEED))
+    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+
+    def subset(idx: torch.Tensor, split: str) -> ImageTensors:
+        return dataclasses.replace(train_data, images=train_data.images[idx], labels=train_data.labels[idx],
+                                   split=split)
+    return subset(train_idx, "train"), subset(val_idx, "val")
+
+
+def _make_optimizer(student: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # timm's grouping (no decay on 1-d params, biases, pos_embed and prefix tokens), decay group first
+    # so optimizer states saved by earlier vitkd versions load into the same groups.
+    groups = param_groups_weight_decay(student, config.weight_decay, no_weight_decay_list=student.no_weight_decay())
+    return torch.optim.AdamW(list(reversed(groups)), lr=config.lr)
+
+
+def _teacher_inputs(train_data: ImageTensors, teacher_meta: Mapping[str, Any]) -> Callable[[torch.Tensor],
+                                                                                              torch.Tensor]:
+    """Re-normalise batches (normalised with the data's mean/std) with the teacher's recorded mean/std."""
+    data_mean, data_std = tuple(train_data.mean), tuple(train_data.std)
+    t_mean, t_std = tuple(teacher_meta.get("mean") or data_mean), tuple(teacher_meta.get("std") or data_std)
+    if (t_mean, t_std) == (data_mean, data_std):
+        return lambda images: images
+    scale = torch.tensor(data_std) / torch.tensor(t_std)
+    shift = (torch.tensor(data_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)
+    return lambda images: images * scale.to(images.device).view(1, 3, 1, 1) + shift.to(images.device).view(1, 3, 1, 1)
+
+
+def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, device: torch.device,
+           teacher_meta: dict[str, Any] | None, progress: bool) -> _Run:
     img_size = config.img_size or default_img_size(config.model)
-    train_data = load_split(config.data, "train", img_size, config.cache_dir, config.download, progress and is_main)
-    test_data = load_split(config.data, "test", img_size, config.cache_dir, config.download, progress and is_main)
+    show = progress and rank == 0
+    full_train = load_split(config.data, "train", img_size, config.cache_dir, config.download, show)
+    test_data = load_split(config.data, "test", img_size, config.cache_dir, config.download, show)
+    train_data, val_data = _split_validation(full_train, config.val_fraction)
+    if teacher_meta is not None:
+        teacher_classes = tuple(teacher_meta.get("class_names") or ())
+        if teacher_classes and teacher_classes != tuple(train_data.class_names):
+            raise IncompatibleModelsError(
+                f"the teacher's classes ({_preview(teacher_classes)}) differ from the data's "
+                f"({_preview(train_data.class_names)}): distil on the data the teacher was trained on")
 
-    teacher, teacher_meta, head_map = None, None, None
     torch.manual_seed(config.seed)
     student = build_model(config.model, num_classes=len(train_data.class_names), img_size=config.img_size,
                           **config.model_overrides).to(device)
+    teacher, head_map, teacher_capture, per_sample_fn = None, None, None, None
     if config.teacher is not None:
-        teacher, teacher_meta = _load_teacher(config, device)
-        if teacher.num_classes != student.num_classes:
-            raise ConfigError(f"teacher has {teacher.num_classes} classes, the data {student.num_classes}")
+        teacher, _ = load_checkpoint(config.teacher, device=device)
+        teacher.requires_grad_(False).eval()
+        if config.kd == "deit-hard":  # the student's forward returns (class head, distillation head) in training
+            student.set_distilled_training(True)
         if config.head_map is not None:  # None: logit distillation alone, no attention term
             head_map = _resolve_head_map(config, teacher, student)
-    student_blocks = head_map.student_blocks if head_map else []
-    teacher_blocks = head_map.teacher_blocks if head_map else []
-    per_sample_fn, teacher_capture = None, None
-    if teacher is not None:
-        teacher_capture = functools.partial(_teacher_outputs, teacher, tuple(teacher_blocks))
+        capture = functools.partial(_teacher_outputs, teacher, tuple(head_map.teacher_blocks if head_map else ()),
+                                    _teacher_inputs(train_data, teacher_meta or {}))
+        teacher_capture = capture
         if config.compile:  # the teacher's no-grad forward and the attention loss; the student stays eager
-            teacher_capture = CompiledOrEager(teacher_capture, "the teacher forward")
-            per_sample_fn = None if head_map is None else CompiledOrEager(functools.partial(per_sample_attention_loss, kind=config.loss),
-                                            "the attention loss")
-    forward: torch.nn.Module = CaptureModule(student, student_blocks)
-    if world_size > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
-
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                                   and "token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+            teacher_capture = CompiledOrEager(capture, "the teacher forward")
+            if head_map is not None:
+                per_sample_fn = CompiledOrEager(functools.partial(per_sample_attention_loss, kind=config.loss),
+                                                "the attention loss")
+    optimizer = _make_optimizer(student, config)
     steps_per_epoch = num_batches(len(train_data), config.batch_size, train=True, world_size=world_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-
-    start_epoch, step, best_acc, wall_before = 0, 0, -1.0, 0.0
-    if resume and state_path.is_file():
-        state = load_training_state(state_path)
-        changed = config.resume_mismatch(state["config"])
-        if changed:
-            raise ConfigError(f"--resume with a different config than the run in {out_dir} (changed: {changed})")
-        resumed, resumed_meta = load_checkpoint(out_dir / "last.safetensors", device=device)
-        if resumed_meta.get("epoch") != state["epoch"]:
-            raise CheckpointError(f"{out_dir}: last.safetensors is from epoch {resumed_meta.get('epoch')} but the "
-                                  f"training state from epoch {state['epoch']} (interrupted while saving); "
-                                  "restore a consistent pair or start the run again")
-        student.load_state_dict(resumed.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        best_acc, wall_before = float(state["best_accuracy"]), float(state["wall_time_s"])
-    elif is_main and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()
-
     base_meta = {
         "kind": "distilled" if teacher is not None else "supervised",
         "class_names": list(train_data.class_names),
@@ -297,98 +422,255 @@ def train(
             "path": str(config.teacher), "model": teacher_meta.get("model"),
             "accuracy": teacher_meta.get("metrics", {}).get("accuracy")},
     }
-    last_metrics: dict[str, Any] = {}
-    if start_epoch >= config.epochs:  # already finished: report what the run recorded
-        from .checkpoint import read_checkpoint_meta
-        return dict(read_checkpoint_meta(out_dir / "last.safetensors").get("metrics", {}))
-    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
-    run_start = time.time()
-    for epoch in range(start_epoch, end_epoch):
-        forward.train()
-        epoch_start = time.time()
-        sums = {"loss": 0.0, "ce": 0.0, "att": 0.0, "kd": 0.0}
-        batches = iterate_batches(train_data, config.batch_size, train=True, seed=config.seed, epoch=epoch,
-                                  augment=config.augment, rank=rank, world_size=world_size, device=device)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not (progress and is_main), mininterval=1.0)
-        last_progress_write = 0.0
+    return _Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
+                train_data=train_data, val_data=val_data, test_data=test_data, student=student,
+                forward=CaptureModule(student, head_map.student_blocks if head_map else []), optimizer=optimizer,
+                steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs,
+                warmup_steps=round(config.warmup_epochs * steps_per_epoch), base_meta=base_meta, teacher=teacher,
+                head_map=head_map, teacher_capture=teacher_capture, per_sample_fn=per_sample_fn)
+
+
+def _preview(names: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
+def _teacher_outputs(teacher: torch.nn.Module, blocks: tuple[int, ...], inputs: Callable[[torch.Tensor], torch.Tensor],
+                     images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    out = capture_attention(teacher, inputs(images), blocks)
+    return out.class_logits, out.attn_logits
+
+
+def _resolve_head_map(config: TrainConfig, teacher: torch.nn.Module, student: torch.nn.Module) -> HeadMap:
+    t_layout, s_layout = token_layout(teacher), _compared_layout(token_layout(student), teacher, student)
+    t_depth, s_depth = len(teacher.blocks), len(student.blocks)
+    t_heads, s_heads = teacher.blocks[0].attn.num_heads, student.blocks[0].attn.num_heads
+    head_map = parse_head_map(config.head_map or "encoder", t_depth, t_heads, s_depth, s_heads)
+    return head_map.validate(t_depth, t_heads, s_depth, s_heads, t_layout.num_tokens, s_layout.num_tokens)
+
+
+# ---------------------------------------------------------------------------------------- restore
+
+def _restore(run: _Run, resume: bool) -> _Position:
+    """Load the committed state (weights first, before any DDP wrap) and repair lagging exports."""
+    if not resume or not run.run_dir.state.is_file():
+        if run.is_main:
+            run.run_dir.clear_outputs()  # a fresh start: nothing of an abandoned attempt survives
+        return _Position()
+    state = run.run_dir.load_state()
+    assert state is not None
+    changed = run.config.resume_mismatch(state["config"])
+    if changed:
+        raise ConfigError(f"--resume with a different config than the run in {run.run_dir.path} (changed: {changed})")
+    run.student.load_state_dict({k: v.to(run.device) for k, v in state["model"].items()})
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if run.device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device=run.device)
+    position = _Position(epoch=int(state["epoch"]), step=int(state["step"]), wall_before=float(state["wall_time_s"]),
+                         history=list(state["metrics_history"]), best_val_accuracy=state.get("best_val_accuracy"),
+                         best_epoch=state.get("best_epoch"), best_state=state.get("best_model"),
+                         best_meta=state.get("best_meta"))
+    if run.is_main:
+        with_best = run.val_data is not None
+        if run.run_dir.exports_lag(state, with_best):
+            run.run_dir.export(run.student, state, _best_model(run, position) if with_best else None)
+        if not with_best:
+            run.run_dir.best.unlink(missing_ok=True)  # chosen on test by older versions: never silently kept
+    return position
+
+
+def _best_model(run: _Run, position: _Position) -> torch.nn.Module | None:
+    if position.best_state is None:
+        return None
+    model = copy.deepcopy(run.student)
+    model.load_state_dict(position.best_state)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ epoch
+
+def _step_terms(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    config = run.config
+    class_logits, student_attn = run.forward(images)
+    dist_logits = None
+    if isinstance(class_logits, tuple):  # a DeiT student in distilled training: (class head, distillation head)
+        class_logits, dist_logits = class_logits
+    if run.teacher is None:
+        ce = F.cross_entropy(class_logits.float(), labels, label_smoothing=config.label_smoothing)
+        return {"loss": ce, "ce": ce.detach()}
+    assert run.teacher_capture is not None
+    with torch.no_grad():
+        t_class_logits, t_attn = run.teacher_capture(images)
+    if run.head_map is None and dist_logits is not None:
+        return deit_hard_loss(class_logits, dist_logits, labels, t_class_logits, config.label_smoothing)
+    if run.head_map is None:
+        return logit_distillation_loss(class_logits, labels, t_class_logits, config.label_smoothing,
+                                       config.kd_weight, config.kd_temperature)
+    student_maps = gather_heads(student_attn, run.head_map.pairs, "student")
+    if _drops_distillation_token(run.teacher, run.student):
+        student_maps = drop_distillation_token(student_maps)
+    return distillation_loss(
+        class_logits, labels, student_maps, gather_heads(t_attn, run.head_map.pairs, "teacher"), config.loss,
+        config.alpha, teacher_class_logits=t_class_logits, gate=config.gate, label_smoothing=config.label_smoothing,
+        kd_weight=config.kd_weight, kd_temperature=config.kd_temperature, per_sample_fn=run.per_sample_fn,
+        weighting=config.weighting, student_dist_logits=dist_logits)
+
+
+def _agree(run: _Run, stop: bool, nonfinite: bool) -> tuple[bool, bool]:
+    """Every rank learns whether any rank must stop, so none is left waiting in an all-reduce."""
+    if run.world_size == 1:
+        return stop, nonfinite
+    flags = torch.tensor([float(stop), float(nonfinite)], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2 ** 63)
+
+
+def _train_epoch(run: _Run, position: _Position, epoch: int, stop: _StopOnSignals,
+                 show: bool) -> dict[str, float]:
+    """One epoch of steps; raises ``TrainingStopped`` at a step boundary when a stop signal arrived."""
+    config = run.config
+    run.forward.train()
+    if run.world_size > 1:  # dropout differs per rank, and a resumed rank replays its own draws
+        torch.manual_seed(_rank_seed(config.seed, epoch, run.rank))
+    sums = {"loss": 0.0, "ce": 0.0, "att": 0.0, "kd": 0.0}
+    batches = iterate_batches(run.train_data, config.batch_size, train=True, seed=config.seed, epoch=epoch,
+                              augment=config.augment, rank=run.rank, world_size=run.world_size, device=run.device)
+    bar = tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=not (show and run.is_main), mininterval=1.0)
+    last_progress_write, lr = 0.0, config.lr
+    try:
         for batch_idx, (images, labels) in enumerate(bar):
-            lr = lr_at_step(step, total_steps, warmup_steps, config.lr, config.min_lr)
-            for group in optimizer.param_groups:
+            stopping, _ = _agree(run, stop.signum is not None, False)
+            if stopping:
+                raise TrainingStopped(stop.signum or signal.SIGTERM, epoch + 1, position.epoch)
+            lr = lr_at_step(position.step, run.total_steps, run.warmup_steps, config.lr, config.min_lr)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                class_logits, student_attn = forward(images)
-                if teacher is not None and head_map is None:
-                    with torch.no_grad():
-                        t_class_logits, _ = teacher_capture(images)
-                    terms = logit_distillation_loss(class_logits, labels, t_class_logits, config.label_smoothing,
-                                                    config.kd_weight, config.kd_temperature)
-                elif teacher is not None:
-                    with torch.no_grad():
-                        t_class_logits, t_attn = teacher_capture(images)
-                    terms = distillation_loss(
-                        class_logits, labels, gather_heads(student_attn, head_map.pairs, "student"),
-                        gather_heads(t_attn, head_map.pairs, "teacher"), config.loss, config.alpha,
-                        teacher_class_logits=t_class_logits, gate=config.gate,
-                        label_smoothing=config.label_smoothing, kd_weight=config.kd_weight,
-                        kd_temperature=config.kd_temperature, per_sample_fn=per_sample_fn)
-                else:
-                    ce = F.cross_entropy(class_logits.float(), labels, label_smoothing=config.label_smoothing)
-                    terms = {"loss": ce, "ce": ce.detach()}
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                terms = _step_terms(run, images, labels)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise VitkdError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                 "lower --lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
+            _, nonfinite = _agree(run, False, not bool(torch.isfinite(loss)))
+            if nonfinite:
+                raise VitkdError(f"loss became non-finite at epoch {epoch + 1} step {position.step} (on at least "
+                                 f"one rank); lower --lr or check the data")
+            run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            step += 1
+            run.optimizer.step()
+            position.step += 1
             for key in sums:
                 if key in terms:
                     sums[key] += float(terms[key].detach())
-            if is_main and time.time() - last_progress_write > 2.0:
+            if run.is_main and time.time() - last_progress_write > 2.0:
                 last_progress_write = time.time()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                write_text_atomic(out_dir / "progress.json", json.dumps({
+                run.run_dir.write_progress({
                     "epoch": epoch, "epochs": config.epochs, "batch": batch_idx + 1,
-                    "batches": steps_per_epoch, "loss": loss.item(), "time": time.time()}))
+                    "batches": run.steps_per_epoch, "loss": loss.item(), "time": time.time()})
+    finally:
         bar.close()
-        if world_size > 1:  # train_* metrics average every rank's batches, not only rank 0's share
-            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            sums = {key: total / world_size for key, total in zip(sums, totals.tolist(), strict=True)}
-        eval_metrics = evaluate(student, test_data, config.eval_batch_size, device, rank, world_size)
-        epoch_time = time.time() - epoch_start
-        wall = wall_before + (time.time() - run_start)
-        n_steps = max(1, steps_per_epoch)
-        last_metrics = {
-            "epoch": epoch + 1, "epochs": config.epochs, "step": step, "lr": lr,
-            **{f"train_{k}": v / n_steps for k, v in sums.items() if v or k in ("loss", "ce")},
-            "accuracy": eval_metrics["accuracy"], "test_loss": eval_metrics["loss"], "n": eval_metrics["n"],
-            "epoch_time_s": round(epoch_time, 2), "wall_time_s": round(wall, 2),
+    if stop.signum is not None:  # the signal came during the last step: the epoch is not committed
+        raise TrainingStopped(stop.signum, epoch + 1, position.epoch)
+    if run.world_size > 1:  # train_* metrics average every rank's batches, not only rank 0's share
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=run.device)
+        dist.all_reduce(totals)
+        sums = {key: total / run.world_size for key, total in zip(sums, totals.tolist(), strict=True)}
+    sums["lr"] = lr
+    return sums
+
+
+# ----------------------------------------------------------------------------------------- commit
+
+def _commit_epoch(run: _Run, position: _Position, epoch: int, sums: dict[str, float], epoch_time: float,
+                  wall: float) -> dict[str, Any]:
+    """Evaluate, then make this epoch current with one commit (the state file), then refresh the exports."""
+    config = run.config
+    test_metrics = evaluate(run.student, run.test_data, config.eval_batch_size, run.device, run.rank,
+                            run.world_size)
+    n_steps = max(1, run.steps_per_epoch)
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1, "epochs": config.epochs, "step": position.step, "lr": sums.pop("lr"),
+        **{f"train_{k}": v / n_steps for k, v in sums.items() if v or k in ("loss", "ce")},
+        "accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"], "n": test_metrics["n"],
+    }
+    is_best = False
+    if run.val_data is not None:  # model selection on held-out train images, never on test
+        val_metrics = evaluate(run.student, run.val_data, config.eval_batch_size, run.device, run.rank,
+                               run.world_size)
+        metrics.update(val_accuracy=val_metrics["accuracy"], val_loss=val_metrics["loss"])
+        is_best = position.best_val_accuracy is None or val_metrics["accuracy"] > position.best_val_accuracy
+        if is_best:
+            position.best_val_accuracy, position.best_epoch = val_metrics["accuracy"], epoch + 1
+        metrics["best_val_accuracy"] = position.best_val_accuracy
+    metrics.update(epoch_time_s=round(epoch_time, 2), wall_time_s=round(wall, 2))
+    position.epoch, position.wall_before = epoch + 1, wall
+    position.history.append(metrics)
+    meta = dict(run.base_meta, epoch=epoch + 1, metrics=metrics, wall_time_s=round(wall, 2))
+    if is_best:
+        position.best_state = {k: v.detach().cpu().clone() for k, v in run.student.state_dict().items()}
+        position.best_meta = meta
+    if run.is_main:
+        state = {
+            "config": config.to_dict(), "epoch": epoch + 1, "step": position.step,
+            "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "wall_time_s": wall, "meta": meta, "metrics_history": position.history,
+            "best_val_accuracy": position.best_val_accuracy, "best_epoch": position.best_epoch,
+            "best_model": position.best_state, "best_meta": position.best_meta,
         }
-        is_best = eval_metrics["accuracy"] > best_acc
-        best_acc = max(best_acc, eval_metrics["accuracy"])
-        last_metrics["best_accuracy"] = best_acc
-        if is_main:
-            meta = dict(base_meta, epoch=epoch + 1, metrics=last_metrics, wall_time_s=round(wall, 2))
-            save_checkpoint(student, meta, out_dir / "last.safetensors")
-            if is_best:
-                shutil.copyfile(out_dir / "last.safetensors", out_dir / "best.safetensors.tmp")
-                os.replace(out_dir / "best.safetensors.tmp", out_dir / "best.safetensors")
-            save_training_state({
-                "config": config.to_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "best_accuracy": best_acc, "wall_time_s": wall}, state_path)
-            with open(out_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(last_metrics) + "\n")
-            write_text_atomic(out_dir / "progress.json", json.dumps({
-                "epoch": epoch + 1, "epochs": config.epochs, "batch": steps_per_epoch, "batches": steps_per_epoch,
-                "loss": last_metrics["train_loss"], "accuracy": last_metrics["accuracy"], "time": time.time(),
-                "done": epoch + 1 == config.epochs}))
-        if on_epoch_end is not None:
-            on_epoch_end(last_metrics)
-    if world_size > 1:
-        dist.barrier()
-    return last_metrics
+        run.run_dir.commit(state)
+        run.run_dir.export(run.student, state, run.student if is_best else None)
+        run.run_dir.write_progress({
+            "epoch": epoch + 1, "epochs": config.epochs, "batch": run.steps_per_epoch,
+            "batches": run.steps_per_epoch, "loss": metrics["train_loss"], "accuracy": metrics["accuracy"],
+            "time": time.time(), "done": epoch + 1 == config.epochs})
+    return metrics
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or distill) per ``config``; returns the last epoch's metrics.
+
+    Set-up -> restore -> epochs, each ending in one commit. ``resume`` continues from the
+    committed state so an interrupted (even SIGKILLed) run ends with the same weights as an
+    uninterrupted one. SIGTERM/SIGINT stop at a step boundary with ``TrainingStopped``.
+    ``stop_after_epochs`` ends this call early (the schedule still spans ``config.epochs``).
+    """
+    teacher_meta = _check_before_data(config)
+    rank, world_size, device = _init_distributed(config)
+    run_dir = RunDir(config.out_dir)
+    lock = run_dir.lock() if rank == 0 else contextlib.nullcontext()
+    with lock, _StopOnSignals() as stop:
+        if rank == 0:
+            run_dir.remove_temp_files()
+        run = _setup(config, run_dir, rank, world_size, device, teacher_meta, progress)
+        position = _restore(run, resume)
+        if world_size > 1:
+            run.forward = torch.nn.parallel.DistributedDataParallel(
+                run.forward, device_ids=[device.index] if device.type == "cuda" else None)
+        if position.epoch >= config.epochs:  # already finished: report what the run recorded
+            return dict(position.history[-1]) if position.history else {}
+        end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs,
+                                                                         position.epoch + stop_after_epochs)
+        metrics: dict[str, Any] = {}
+        run_start = time.time()
+        for epoch in range(position.epoch, end_epoch):
+            epoch_start = time.time()
+            sums = _train_epoch(run, position, epoch, stop, progress)
+            metrics = _commit_epoch(run, position, epoch, sums, time.time() - epoch_start,
+                                    position.wall_before + (time.time() - run_start))
+            run_start = time.time()
+            if on_epoch_end is not None:
+                on_epoch_end(metrics)
+        if world_size > 1:
+            dist.barrier()
+        return metrics
