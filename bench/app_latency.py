@@ -28,9 +28,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from vitkd.analysis import ModelPair, analyze_pair, check_pair, class_rollout, compare_heads, load_pair  # noqa: E402
+from vitkd.analysis import analyze_pair, class_rollout  # noqa: E402
 from vitkd.images import load_image  # noqa: E402
+from vitkd.maps import compare_heads  # noqa: E402
 from vitkd.models import build_model  # noqa: E402
+from vitkd.pairs import ModelPair, check_pair, load_pair  # noqa: E402
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from vitkd.attention import capture_attention  # noqa: E402
 from vitkd.compiling import CompiledOrEager  # noqa: E402
 from vitkd.data import iterate_batches, load_split  # noqa: E402
-from vitkd.distill import distillation_loss, gather_heads, parse_head_map, per_sample_attention_loss  # noqa: E402
+from vitkd.distill import distillation_loss, gather_heads, per_sample_attention_loss  # noqa: E402
+from vitkd.headmap import parse_head_map  # noqa: E402
 from vitkd.models import build_model  # noqa: E402
 
 STEP_GOAL = 1.4

@@ -17,33 +17,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitkd.analysis import (
-    ImageAnalysis,
-    analysis_to_csv,
-    analysis_to_json,
-    analyze_image,
-    check_pair,
-    class_rollout,
-    cls_attention_maps,
-    compare_heads,
-    comparison_png,
-    flag_predictions,
-    fused_map,
-    head_divergence,
-    load_pair,
-    mark_patch,
-    model_summary,
-    pair_divergences,
-    paired_teacher_block,
-    recompute_rollout,
-    rollout_map,
-)
+from vitkd.agreement import head_divergence, pair_divergences
+from vitkd.analysis import ImageAnalysis, analyze_image, class_rollout, flag_predictions, recompute_rollout
 from vitkd.attention import TokenLayout, capture_attention
 from vitkd.checkpoint import save_checkpoint
 from vitkd.errors import IncompatibleModelsError
+from vitkd.export import analysis_to_csv, analysis_to_json
 from vitkd.images import preprocess
+from vitkd.maps import (
+    cls_attention_maps,
+    compare_heads,
+    comparison_png,
+    fused_map,
+    mark_patch,
+    paired_teacher_block,
+    rollout_map,
+)
 from vitkd.models import build_model
 from vitkd.overlay import enlarge_image, normalize_map, overlay, upsample_map
+from vitkd.pairs import check_pair, load_pair, model_summary
 from vitkd.rollout import attention_rollout, gradient_rollout
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -160,8 +152,9 @@ def test_fused_map(fusion, reduce):
 # --------------------------------------------------------------------------------------------- divergence
 
 def js_reference(p: list[float], q: list[float]) -> float:
+    """Jensen-Shannon divergence in bits, written out in plain Python."""
     m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
-    kl = lambda x: sum(a * math.log(a / c) for a, c in zip(x, m, strict=True) if a > 0)
+    kl = lambda x: sum(a * math.log2(a / c) for a, c in zip(x, m, strict=True) if a > 0)
     return 0.5 * kl(p) + 0.5 * kl(q)
 
 
@@ -179,7 +172,7 @@ def test_head_divergence_matches_plain_python():
     np.testing.assert_allclose(np.diag(head_divergence(t, t)), 0.0, atol=1e-12)  # zero on identical heads
     disjoint_p = np.array([[[1.0, 0.0], [1.0, 0.0]]])
     disjoint_q = np.array([[[0.0, 1.0], [0.0, 1.0]]])
-    assert head_divergence(disjoint_p, disjoint_q)[0, 0] == pytest.approx(math.log(2))
+    assert head_divergence(disjoint_p, disjoint_q)[0, 0] == pytest.approx(1.0)  # one bit: disjoint rows
 
 
 # --------------------------------------------------------------------------------------------- analyze_image
@@ -279,7 +272,7 @@ def test_model_summary(models):
 
 
 def test_paired_teacher_block():
-    from vitkd.distill import HeadMap, encoder_to_encoder
+    from vitkd.headmap import HeadMap, encoder_to_encoder
 
     head_map = HeadMap.from_list([[4, 0, 2, 0], [4, 1, 2, 1], [5, 0, 3, 0]])
     assert paired_teacher_block(head_map, 2, 6, 4) == 4

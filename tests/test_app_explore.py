@@ -18,10 +18,12 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import app.common as common
-from vitkd.analysis import analyze_pair, load_pair, pair_divergences
+from vitkd.agreement import pair_divergences
+from vitkd.analysis import analyze_pair
 from vitkd.checkpoint import save_checkpoint
 from vitkd.images import load_image
 from vitkd.models import build_model
+from vitkd.pairs import load_pair
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -121,7 +123,7 @@ def test_example_predictions_views_and_errors(app_env: Path):
     pair = load_pair(app_env / "tiny-teacher.safetensors", app_env / "tiny-student-distilled.safetensors")
     ref = pair_divergences(analyze_pair(pair, load_image(first.path.read_bytes()), CIFAR.index(first.label)))
     table = at.dataframe[0].value
-    np.testing.assert_allclose(table["JS divergence"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
+    np.testing.assert_allclose(table["JS divergence (bits)"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
     assert list(table["student head"]) == [f"S{r['student_block']}.h{r['student_head']}" for r in ref]
 
     cat = next(e for e in common.examples() if e.label == "cat")

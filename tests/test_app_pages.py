@@ -11,7 +11,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import vitkd.scan
-from vitkd.analysis import evaluate_checkpoint
+from vitkd.evaluation import evaluate_checkpoint
 from vitkd.jobs import LOCK_NAME, active_job, cancel_job, job_status, list_jobs
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")

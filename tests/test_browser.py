@@ -67,8 +67,9 @@ def _write_image(path: Path, color: tuple[int, int, int], seed: int) -> Path:
 def _expected_titles(env: dict[str, str], image: Path) -> dict[str, tuple[str, float]]:
     """Top-1 (class, probability) per model for the pair the server shows by default, computed here."""
     from app.common import default_pair, list_checkpoints, parse_server_config
-    from vitkd.analysis import analyze_pair, load_pair
+    from vitkd.analysis import analyze_pair
     from vitkd.images import load_image
+    from vitkd.pairs import load_pair
 
     config = parse_server_config([], env)
     teacher, student = default_pair([e for e in list_checkpoints(config) if e.error is None])

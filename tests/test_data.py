@@ -12,10 +12,10 @@ from conftest import CLASS_COLORS, TEST_PER_CLASS, TRAIN_PER_CLASS, write_image_
 from PIL import Image
 
 import vitkd.data as data_module
-from vitkd.analysis import evaluate_checkpoint
 from vitkd.checkpoint import save_checkpoint
 from vitkd.data import ImageTensors, augment_batch, iterate_batches, load_split, normalize, resize_center_crop
 from vitkd.errors import ConfigError
+from vitkd.evaluation import evaluate_checkpoint
 from vitkd.models import build_model
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,7 +13,8 @@ from timm.models.deit import VisionTransformerDistilled
 
 from vitkd.attention import CaptureModule, capture_attention, token_layout
 from vitkd.checkpoint import load_checkpoint, save_checkpoint
-from vitkd.distill import block_to_block, deit_hard_loss, distillation_loss, drop_distillation_token, gather_heads
+from vitkd.distill import deit_hard_loss, distillation_loss, drop_distillation_token, gather_heads
+from vitkd.headmap import block_to_block
 from vitkd.models import build_model, count_parameters, describe_model, model_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps({"out": args.out, **metrics}))
     elif args.command == "eval":
-        from .analysis import evaluate_checkpoint
+        from .evaluation import evaluate_checkpoint
 
         result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
                                      batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .agreement import js_divergence
 from .attention import capture_attention, token_layout
 from .data import normalize
 from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
@@ -26,7 +27,7 @@ from .errors import ConfigError, IncompatibleModelsError
 from .rollout import attention_rollout
 
 __all__ = ["GROUPS", "GROUP_TITLES", "ScanRow", "ScanResult", "list_labelled_images", "scan_split",
-           "js_divergence", "split_folders"]
+           "split_folders"]
 
 GROUPS: tuple[str, ...] = ("teacher_right_student_wrong", "student_right_teacher_wrong", "both_wrong", "both_right")
 GROUP_TITLES: Mapping[str, str] = {
@@ -136,21 +137,6 @@ def list_labelled_images(folder: str | Path, class_names: Sequence[str],
     if not items:
         raise ConfigError(f"no images found under {folder}")
     return items
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Jensen-Shannon divergence in bits over the last axis of two distributions (each renormalised)."""
-    p = p.double().clamp(min=0)
-    q = q.double().clamp(min=0)
-    p = p / p.sum(-1, keepdim=True).clamp(min=eps)
-    q = q / q.sum(-1, keepdim=True).clamp(min=eps)
-    m = 0.5 * (p + q)
-
-    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # 0 * log(0 / x) is 0 by convention; where a > 0, b >= a / 2 > 0.
-        return torch.where(a > 0, a * (a.clamp(min=eps) / b.clamp(min=eps)).log2(), torch.zeros_like(a)).sum(-1)
-
-    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(min=0.0)
 
 
 def _open_rgb(paths: Sequence[Path]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:

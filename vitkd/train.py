@@ -34,16 +34,15 @@ from .distill import (
     GATES,
     LOSS_KINDS,
     WEIGHTINGS,
-    HeadMap,
     deit_hard_loss,
     distillation_loss,
     drop_distillation_token,
     gather_heads,
     logit_distillation_loss,
-    parse_head_map,
     per_sample_attention_loss,
 )
 from .errors import CheckpointError, ConfigError, IncompatibleModelsError, VitkdError
+from .headmap import HeadMap, parse_head_map
 from .models import ModelConfig, build_model, count_parameters, default_img_size, has_distillation_token
 from .rundir import RunDir
 

@@ -13,27 +13,24 @@ import numpy as np
 import streamlit as st
 
 from app import common
-from vitkd.analysis import (
+from vitkd.agreement import head_divergence, pair_divergences
+from vitkd.analysis import ImageAnalysis, recompute_rollout
+from vitkd.export import analysis_to_csv, analysis_to_json
+from vitkd.images import DEFAULT_MAX_PIXELS
+from vitkd.maps import (
     HeadComparison,
-    ImageAnalysis,
-    ModelPair,
     Tile,
-    analysis_to_csv,
-    analysis_to_json,
     blocks_overview,
     compare_heads,
     comparison_png,
-    head_divergence,
     mark_patch,
-    pair_divergences,
     paired_teacher_block,
-    recompute_rollout,
     render_map,
     rollout_map,
     taught_by,
 )
-from vitkd.images import DEFAULT_MAX_PIXELS
 from vitkd.overlay import COLORMAPS
+from vitkd.pairs import ModelPair
 from vitkd.rollout import HEAD_FUSIONS
 
 TILE = 150  # px per head map
@@ -282,7 +279,7 @@ def show_rollout(analysis: ImageAnalysis, pair: ModelPair, pair_key: str, image_
 
 
 def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: int) -> None:
-    st.markdown(f"Jensen-Shannon divergence (natural log, 0 to {np.log(2):.3f}) between each student head of "
+    st.markdown("Jensen-Shannon divergence (bits, 0 to 1) between each student head of "
                 f"block {student_block} and each teacher head of block {teacher_block}, averaged over query tokens. "
                 "Change the blocks above.")
     matrix = head_divergence(analysis.student.attn_probs[student_block], analysis.teacher.attn_probs[teacher_block])
@@ -296,7 +293,7 @@ def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: i
     st.markdown("**Distilled pairs on this image** (rank 1: the taught teacher head is the closest of its block)")
     st.dataframe([{"teacher head": f"T{r['teacher_block']}.h{r['teacher_head']}",
                    "student head": f"S{r['student_block']}.h{r['student_head']}",
-                   "JS divergence": round(r["js"], 5), "rank": f"{r['rank']} of {r['teacher_heads']}"}
+                   "JS divergence (bits)": round(r["js"], 5), "rank": f"{r['rank']} of {r['teacher_heads']}"}
                   for r in rows], hide_index=True)
 
 

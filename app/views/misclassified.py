@@ -14,8 +14,8 @@ from pathlib import Path
 import streamlit as st
 
 from app import common
-from vitkd.analysis import ModelPair
 from vitkd.errors import VitkdError
+from vitkd.pairs import ModelPair
 from vitkd.scan import GROUP_TITLES, GROUPS, ScanResult, ScanRow, scan_split, split_folders
 
 GALLERY_COLUMNS = 6

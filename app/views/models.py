@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common
-from vitkd.distill import HeadMap
+from vitkd.headmap import HeadMap
 
 st.title("Checkpoints")
 config = common.server_config()

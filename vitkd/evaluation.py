@@ -1,0 +1,48 @@
+"""Accuracy of a checkpoint on a split, refusing data whose classes are not the checkpoint's."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint
+from .data import load_split, split_class_names
+from .errors import ConfigError
+from .pairs import names_preview
+from .train import evaluate, resolve_device
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = "test", batch_size: int = 512,
+                        device: str = "auto", cache_dir: str | None = None) -> dict[str, Any]:
+    """Top-1 accuracy of a checkpoint on a split of its own (or the given) data source.
+
+    Raises ``ConfigError`` before decoding anything when the data's class names (or their order)
+    are not the checkpoint's: label i must mean the class the model's output i was trained on.
+    """
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(path, device=dev)
+    source = data or meta.get("data")
+    if not source:
+        raise ConfigError(f"checkpoint {path} records no data source: pass --data")
+    data_names = split_class_names(source, split, cache_dir)
+    model_names = tuple(str(n) for n in meta.get("class_names") or ())
+    mismatch = model_names != data_names if model_names else len(data_names) != int(model.num_classes)
+    if mismatch:
+        recorded = names_preview(model_names) if model_names else f"{model.num_classes} unnamed classes"
+        order = ""
+        if sorted(model_names) == sorted(data_names):
+            i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a != b)
+            order = (f" (the same names in another order: class {i} is {model_names[i]!r} in the checkpoint, "
+                     f"{data_names[i]!r} in the data)")
+        raise ConfigError(f"checkpoint {path} was trained on {recorded} but {source} {split} has "
+                          f"{names_preview(data_names)}{order}: evaluate it on the data it was trained on")
+    split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
+                            progress=False)
+    # Normalise with the statistics the model was trained with, not the split's.
+    split_data = dataclasses.replace(split_data, mean=tuple(meta.get("mean", split_data.mean)),
+                                     std=tuple(meta.get("std", split_data.std)))
+    metrics = evaluate(model, split_data, batch_size, dev)
+    return {"checkpoint": str(path), "data": source, "split": split, **metrics}
