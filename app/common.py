@@ -23,19 +23,13 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from vitkd.analysis import (
-    ImageAnalysis,
-    ModelAnalysis,
-    ModelPair,
-    analyze_pair,
-    check_pair,
-    class_rollout,
-    model_summary,
-)
+from vitkd.analysis import ImageAnalysis, ModelAnalysis, analyze_pair, class_rollout
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
-from vitkd.distill import HeadMap
 from vitkd.errors import VitkdError
+from vitkd.headmap import HeadMap
 from vitkd.images import DEFAULT_MAX_PIXELS, load_image
+from vitkd.pairs import ModelPair, check_pair, model_summary
+from vitkd.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -62,7 +56,7 @@ class ServerConfig:
         checkpoint_dirs: folders searched for ``*.safetensors`` checkpoints (bundled ``checkpoints/`` first).
         data_roots: image folders pages may read (configured ones, then the bundled examples).
         training_enabled: whether the browser may start training runs.
-        runs_dir: where browser-started runs write; their ``*/last.safetensors`` join the model picker.
+        runs_dir: where browser-started runs write; each run folder's ``RunDir.last`` joins the model picker.
         max_upload_mb: Streamlit's ``server.maxUploadSize``.
         torch_threads: intra-op threads for analysis; 0 keeps torch's default. One is the default: the
             bundled models are small, and on a busy machine several threads per request spin-wait for
@@ -168,9 +162,11 @@ def _candidates(config: ServerConfig) -> list[tuple[Path, Path]]:
             files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
             found += [(f, folder) for f in files]
     if config.runs_dir.is_dir():
-        found += [(f, config.runs_dir) for f in sorted(config.runs_dir.glob("*/last.safetensors"))]
-    # Training state files sit beside checkpoints but are not models; dot files are atomic-write temporaries.
-    return [(f, d) for f, d in found if not f.name.endswith(".state.safetensors") and not f.name.startswith(".")]
+        runs = [RunDir(d) for d in sorted(config.runs_dir.iterdir()) if d.is_dir()]
+        found += [(run.last, config.runs_dir) for run in runs if run.last.is_file()]
+    # A run folder's training state sits beside its checkpoints but is not a model; dot files are
+    # atomic-write temporaries.
+    return [(f, d) for f, d in found if f != RunDir(f.parent).state and not f.name.startswith(".")]
 
 
 def list_checkpoints(config: ServerConfig | None = None) -> list[CheckpointEntry]:
@@ -473,7 +469,7 @@ def divergence_figure(matrix: np.ndarray, teacher_block: int, student_block: int
     student_heads = [f"S{student_block}.h{h}" for h in range(matrix.shape[0])]
     teacher_heads = [f"T{teacher_block}.h{h}" for h in range(matrix.shape[1])]
     fig = go.Figure(go.Heatmap(z=matrix, x=teacher_heads, y=student_heads, colorscale="Viridis", zmin=0,
-                               zmax=float(np.log(2)), colorbar=dict(title="JS"),
+                               zmax=1.0, colorbar=dict(title="JS (bits)"),
                                hovertemplate="%{y} vs %{x}: JS %{z:.4f}<extra></extra>"))
     if marks:
         fig.add_trace(go.Scatter(x=[teacher_heads[t] for _, t in marks], y=[student_heads[s] for s, _ in marks],

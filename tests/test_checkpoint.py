@@ -141,3 +141,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
         raise RuntimeError("disk full")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_training_state_epoch_from_the_header_alone(tmp_path: Path) -> None:
+    from vitkd.checkpoint import read_training_state_epoch, save_training_state
+
+    path = save_training_state({"config": {"epochs": 9}, "epoch": 7, "step": 70, "model": {"w": torch.ones(3)},
+                                "metrics_history": [{"epoch": e} for e in range(1, 8)]}, tmp_path / "s.safetensors")
+    assert read_training_state_epoch(path) == 7
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="cannot read training state"):
+        read_training_state_epoch(tmp_path / "bad.safetensors")

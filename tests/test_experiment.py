@@ -11,6 +11,7 @@ import yaml
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import ConfigError
 from vitkd.experiment import bundle_checkpoints, load_experiment, results_table, run_experiment
+from vitkd.rundir import RunDir
 
 
 def _write_config(tmp_path: Path, image_folder: Path) -> Path:
@@ -102,6 +103,23 @@ def test_bundle_picks_the_best_distilled_run_of_the_baselines_seed(tmp_path: Pat
     bundle_checkpoints(rows, tmp_path / "bundle", "x")
     picked = {p.stem: p.read_text() for p in (tmp_path / "bundle").iterdir()}
     assert picked == {"x-teacher": "teacher", "x-student-baseline": "baseline", "x-student-distilled": "kl"}
+
+
+def test_bundle_finds_the_teacher_by_the_checkpoint_its_students_learned_from(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def row(name: str, acc: float, teacher: str | None) -> dict:
+        run = RunDir(runs / name)
+        run.path.mkdir(parents=True)
+        run.last.write_text(name)  # the bundle copies the run's last checkpoint; contents name the run
+        return {"name": name, "finished": True, "accuracy": acc,
+                "config": {"out_dir": str(run.path), "seed": 0, "teacher": teacher}}
+
+    # "big" is not named teacher: only the distilled run's teacher path says what it is.
+    rows = [row("baseline", 70.0, None), row("big", 80.0, None), row("kl", 73.0, str(RunDir(runs / "big").last))]
+    bundle_checkpoints(rows, tmp_path / "bundle", "x")
+    picked = {p.stem: p.read_text() for p in (tmp_path / "bundle").iterdir()}
+    assert picked == {"x-teacher": "big", "x-student-baseline": "baseline", "x-student-distilled": "kl"}
 
 
 def test_bundle_replaces_the_variant_only_beyond_the_seed_spread(tmp_path: Path) -> None:

@@ -1,22 +1,29 @@
-"""Training jobs: a real tiny ``python -m vitkd train`` process, one at a time, cancel, stale locks."""
+"""Training jobs: a real tiny ``python -m vitkd train`` process, one at a time, cancel, resume, stale locks.
+
+Every started job is registered with the ``jobs`` fixture, whose teardown stops whatever still
+runs, so no process outlives a failing test.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from test_scan import make_folder
 
-from vitkd.checkpoint import load_checkpoint
+from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.cli import build_parser
-from vitkd.errors import ConfigError
+from vitkd.errors import CheckpointError, ConfigError
 from vitkd.jobs import (
     LOCK_NAME,
+    Job,
     JobBusyError,
     active_job,
     cancel_job,
@@ -24,8 +31,10 @@ from vitkd.jobs import (
     job_status,
     list_jobs,
     load_job,
+    resume_job,
     start_job,
 )
+from vitkd.rundir import RunDir
 from vitkd.train import TrainConfig
 
 
@@ -37,8 +46,23 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(data_root: Path, epochs: int) -> dict:
-    return {"model": "cifar-student", "data": f"imagefolder:{data_root}", "epochs": epochs, "batch_size": 6,
+@pytest.fixture
+def jobs() -> Iterator[Callable[[Job], Job]]:
+    """``jobs(job)`` registers a started job (and returns it); teardown stops every one still running."""
+    started: list[Job] = []
+
+    def register(job: Job) -> Job:
+        started.append(job)
+        return job
+
+    yield register
+    for job in started:
+        if not _process_gone(job.pid, timeout=0):
+            cancel_job(job, timeout=5)
+
+
+def _config(data_root: Path, epochs: int, batch_size: int = 6) -> dict:
+    return {"model": "cifar-student", "data": f"imagefolder:{data_root}", "epochs": epochs, "batch_size": batch_size,
             "warmup_epochs": 0.0, "cache_dir": str(data_root / "cache"), "device": "cpu", "threads": 1}
 
 
@@ -56,15 +80,48 @@ def _wait(job, until: set[str], timeout: float = 60.0):
 def _process_gone(pid: int, timeout: float = 10.0) -> bool:
     """The pid has exited (a zombie counts: it runs nothing); waits out the last moments of interpreter exit."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             os.kill(pid, 0)
             if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 return True
         except (ProcessLookupError, FileNotFoundError):
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return False
+
+
+def _wait_committed(job: Job, epoch: int, timeout: float = 120.0) -> int:
+    """Poll the run folder until its state file commits ``epoch`` or later; returns the committed epoch."""
+    run = RunDir(job.run_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            committed = run.committed_epoch()
+        except CheckpointError:  # read while the trainer replaced it: try again
+            committed = 0
+        if committed >= epoch:
+            return committed
+        assert job_status(job).running, job.log_path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"job {job.name} did not commit epoch {epoch} in {timeout}s; log:\n{job.log_path.read_text()}")
+
+
+def _assert_clean_stop(job: Job, epochs: int) -> int:
+    """The stopped job left no temp file and exports matching its committed epoch; returns that epoch."""
+    run = RunDir(job.run_dir)
+    committed = run.committed_epoch()
+    assert 1 <= committed < epochs
+    assert list(run.path.glob(".*.tmp")) == []
+    assert read_checkpoint_meta(run.last)["epoch"] == committed
+    assert [m["epoch"] for m in run.read_metrics()] == list(range(1, committed + 1))
+    status = job_status(job)
+    assert status.state == "cancelled" and status.resumable, status
+    assert status.committed_epoch == committed and status.epochs == epochs
+    assert status.message.startswith("stopped by SIGTERM during epoch ")
+    assert status.message.endswith(f"--resume continues after epoch {committed} (the last committed)")
+    return committed
 
 
 def test_config_to_args_round_trips_through_the_cli(tmp_path: Path) -> None:
@@ -87,14 +144,14 @@ def test_config_to_args_round_trips_through_the_cli(tmp_path: Path) -> None:
         start_job(tmp_path, ["train", "--out", "x"])
 
 
-def test_job_runs_to_a_loadable_checkpoint_and_is_exclusive(data_root: Path, tmp_path: Path) -> None:
+def test_job_runs_to_a_loadable_checkpoint_and_is_exclusive(data_root: Path, tmp_path: Path, jobs) -> None:
     runs = tmp_path / "runs"
-    job = start_job(runs, _config(data_root, epochs=1), name="tiny baseline")
+    job = jobs(start_job(runs, _config(data_root, epochs=1), name="tiny baseline"))
     assert job.name.startswith("tiny-baseline-") and job.args[0] == "train" and "--no-progress" in job.args
     assert active_job(runs) == job
     assert json.loads((runs / LOCK_NAME).read_text()) == {"name": job.name, "pid": job.pid}
     with pytest.raises(JobBusyError, match=f"{job.name} is still running"):
-        start_job(runs, _config(data_root, epochs=1))
+        jobs(start_job(runs, _config(data_root, epochs=1)))
     status = _wait(job, {"finished", "failed", "cancelled"})
     assert status.state == "finished", job.log_path.read_text()
     assert status.fraction == 1.0 and status.epochs == 1 and len(status.metrics) == 1
@@ -104,29 +161,94 @@ def test_job_runs_to_a_loadable_checkpoint_and_is_exclusive(data_root: Path, tmp
     model, meta = load_checkpoint(job.checkpoint)
     assert meta["class_names"] == ["cat", "dog", "frog"] and meta["epoch"] == 1
     assert meta["metrics"]["accuracy"] == status.accuracy
-    assert json.loads((job.run_dir / "job.json").read_text())["status"] == "finished"
+    assert json.loads(RunDir(job.run_dir).job_file.read_text())["status"] == "finished"
     assert [j.name for j in list_jobs(runs)] == [job.name]
     assert load_job(job.run_dir) == job
+    with pytest.raises(ConfigError, match="already finished its 1 epochs"):
+        resume_job(runs, job)
 
 
-def test_cancel_stops_the_process_and_releases_the_lock(data_root: Path, tmp_path: Path) -> None:
+def test_cancel_stops_the_process_and_releases_the_lock(data_root: Path, tmp_path: Path, jobs) -> None:
     runs = tmp_path / "runs"
-    job = start_job(runs, _config(data_root, epochs=200))
-    deadline = time.monotonic() + 60
-    while not (job.run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)  # let it get into training, so the cancel interrupts real work
+    job = jobs(start_job(runs, _config(data_root, epochs=200)))
+    _wait_committed(job, 1)  # let it get into training, so the cancel interrupts real work
     assert job_status(job).state == "running", job.log_path.read_text()
     status = cancel_job(job)
     assert status.state == "cancelled" and 1 <= len(status.metrics) < 200
     assert _process_gone(job.pid)
     assert active_job(runs) is None and not (runs / LOCK_NAME).exists()
     assert job_status(job).state == "cancelled"
-    second = start_job(runs, _config(data_root, epochs=200))  # the slot is free again
-    try:
-        assert active_job(runs) == second
-    finally:
-        assert cancel_job(second).state == "cancelled"
+    second = jobs(start_job(runs, _config(data_root, epochs=200)))  # the slot is free again
+    assert active_job(runs) == second
+    with pytest.raises(JobBusyError, match=f"{second.name} is still running"):
+        resume_job(runs, job)  # one job per server, resumed ones included
+    assert cancel_job(second).state == "cancelled"
     assert [j.name for j in list_jobs(runs)] == [second.name, job.name]
+
+
+def test_cancel_then_resume_twice_reaches_the_last_epoch_once(image_folder: Path, tmp_path: Path, jobs) -> None:
+    runs, epochs = tmp_path / "runs", 6
+    first = jobs(start_job(runs, _config(image_folder, epochs=epochs, batch_size=8), name="resumed"))
+    _wait_committed(first, 1)
+    assert cancel_job(first).state == "cancelled"
+    assert _process_gone(first.pid) and active_job(runs) is None
+    after_first = _assert_clean_stop(first, epochs)
+
+    second = jobs(resume_job(runs, first))
+    assert second.run_dir == first.run_dir and second.pid != first.pid
+    assert second.args == (*first.args, "--resume") and active_job(runs) == second
+    assert job_status(second).running and load_job(first.run_dir) == second
+    with pytest.raises(JobBusyError, match="still running"):
+        resume_job(runs, first)
+    _wait_committed(second, after_first + 1)
+    os.killpg(second.pid, signal.SIGTERM)  # stopped by someone else than cancel_job: the log's stop line tells
+    assert _process_gone(second.pid)
+    after_second = _assert_clean_stop(second, epochs)
+    assert after_second > after_first
+
+    third = jobs(resume_job(runs, second))
+    assert third.args.count("--resume") == 1 and third.args == second.args
+    status = _wait(third, {"finished", "failed", "cancelled"}, timeout=120)
+    assert status.state == "finished", third.log_path.read_text()
+    run = RunDir(third.run_dir)
+    assert run.committed_epoch() == epochs and read_checkpoint_meta(run.last)["epoch"] == epochs
+    assert [m["epoch"] for m in run.read_metrics()] == list(range(1, epochs + 1))
+    assert [m["epoch"] for m in status.metrics] == list(range(1, epochs + 1))
+    assert active_job(runs) is None and not (runs / LOCK_NAME).exists()
+    record = json.loads(run.job_file.read_text())
+    assert record["status"] == "finished" and record["pid"] == third.pid
+    assert [(a["pid"], a["status"]) for a in record["attempts"]] == [(first.pid, "cancelled"),
+                                                                     (second.pid, "cancelled")]
+    assert f"continues after epoch {after_second}" in record["attempts"][1]["message"]
+    log = run.log.read_text()
+    assert log.count("== resume: ") == 2 and log.count("stopped: stopped by SIGTERM") == 2
+    assert [j.name for j in list_jobs(runs)] == [first.name]
+
+
+def test_resume_refuses_runs_without_a_committed_epoch(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = RunDir(runs / "crashed")
+    run.path.mkdir(parents=True)
+    run.job_file.write_text(json.dumps({"pid": dead.pid, "args": ["train", "--out", str(run.path)], "started": 1.0}))
+    run.write_progress({"epoch": 0, "epochs": 3, "batch": 2, "batches": 5})  # died within its first epoch
+    job = load_job(run.path)
+    assert job_status(job).state == "failed" and job_status(job).epochs == 3 and not job_status(job).resumable
+    with pytest.raises(ConfigError, match="no committed epoch"):
+        resume_job(runs, job)
+    # The log decides between stopped and crashed: the CLI's stop line, unless a later attempt began after it.
+    stop_line = "stopped: stopped by SIGTERM during epoch 1; --resume continues after epoch 0 (the last committed)"
+    run.log.write_text(f"{stop_line}\n")
+    status = job_status(job)
+    assert (status.state, status.message) == ("cancelled", stop_line.removeprefix("stopped: "))
+    run.job_file.write_text(json.dumps({"pid": dead.pid, "args": ["train"], "started": 1.0, "status": "running"}))
+    run.log.write_text(f"{stop_line}\n\n== resume: 2026-01-01 00:00:00, after epoch 0: python -m vitkd train\n")
+    status = job_status(job)  # the resumed attempt died before printing anything (SIGKILL, OOM)
+    assert (status.state, status.message) == ("failed", "")
+    with pytest.raises(ConfigError, match="belongs to"):
+        resume_job(tmp_path / "other", job)
+    assert not (runs / LOCK_NAME).exists()  # a refused resume leaves the slot free
 
 
 def test_stale_locks_are_cleared(tmp_path: Path) -> None:
@@ -135,7 +257,7 @@ def test_stale_locks_are_cleared(tmp_path: Path) -> None:
     dead.wait()
     for name, pid in (("dead", dead.pid), ("reused", os.getpid())):  # a gone pid; a live pid of another program
         (runs / name).mkdir(parents=True)
-        (runs / name / "job.json").write_text(json.dumps({"pid": pid, "args": ["train"], "started": 1.0}))
+        RunDir(runs / name).job_file.write_text(json.dumps({"pid": pid, "args": ["train"], "started": 1.0}))
         (runs / LOCK_NAME).write_text(json.dumps({"name": name, "pid": pid}))
         assert active_job(runs) is None
         assert not (runs / LOCK_NAME).exists()

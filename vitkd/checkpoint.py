@@ -19,7 +19,7 @@ from .files import atomic_target
 from .models import ModelConfig, build_model, model_config
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
-           "save_training_state", "load_training_state"]
+           "save_training_state", "load_training_state", "read_training_state_epoch"]
 
 FORMAT_VERSION = 1
 _META_KEY = "vitkd"
@@ -118,11 +118,24 @@ def save_training_state(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
+    """The state ``save_training_state`` wrote; header and tensors come from one open file."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
         return _unflatten(json.loads(header["vitkd_state"]), tensors)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot read training state ({exc})") from exc
+
+
+def read_training_state_epoch(path: str | Path) -> int:
+    """The epoch a training state commits, from its header alone (no tensors are read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            structure = json.loads((handle.metadata() or {})["vitkd_state"])
+        entries = {key: value for key, value in structure["__dict__"] if isinstance(key, str)}
+        return int(entries["epoch"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot read training state ({exc})") from exc

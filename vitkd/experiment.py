@@ -18,6 +18,7 @@ import yaml
 from .checkpoint import read_checkpoint_meta
 from .errors import ConfigError
 from .files import atomic_target, write_text_atomic
+from .rundir import RunDir
 from .train import TrainConfig, train
 
 __all__ = ["load_experiment", "run_experiment", "results_table"]
@@ -46,7 +47,7 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, T
         if teacher is not None:
             if teacher not in names:
                 raise ConfigError(f"{path}: run {name!r} names teacher {teacher!r}, which is not an earlier run")
-            fields["teacher"] = str(out_dir / teacher / "last.safetensors")
+            fields["teacher"] = str(RunDir(out_dir / teacher).last)
         fields["out_dir"] = str(out_dir / name)
         runs.append((name, TrainConfig.from_dict(fields), extra))
         names.add(name)
@@ -54,7 +55,7 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, T
 
 
 def _run_summary(name: str, config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any] | None:
-    ckpt = Path(config.out_dir) / "last.safetensors"
+    ckpt = RunDir(config.out_dir).last
     if not ckpt.is_file():
         return None
     meta = read_checkpoint_meta(ckpt)
@@ -140,7 +141,7 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
     picks: dict[str, dict[str, Any]] = {}
     teachers = {r["config"]["teacher"] for r in distilled}
     for r in supervised:
-        ckpt = str(Path(r["config"]["out_dir"]) / "last.safetensors")
+        ckpt = str(RunDir(r["config"]["out_dir"]).last)
         if ckpt in teachers or r["name"] == "teacher":
             picks.setdefault("teacher", r)
         elif r["config"]["seed"] == 0:
@@ -152,7 +153,7 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
     for role, r in picks.items():
         target = bundle_dir / f"{prefix}-{role}.safetensors"
         with atomic_target(target) as tmp:  # the app may be reading the bundle; lanes bundle concurrently
-            shutil.copyfile(Path(r["config"]["out_dir"]) / "last.safetensors", tmp)
+            shutil.copyfile(RunDir(r["config"]["out_dir"]).last, tmp)
         written.append(target)
     return written
 

@@ -1,11 +1,15 @@
 """Training jobs started from the app: ``python -m vitkd train|distill`` in its own process session.
 
 A job outlives the page (and the server) that started it: its state lives on disk, never in
-module variables. ``runs_dir/<job>/`` is the run directory (see ``vitkd.train``) plus
-``job.json`` (pid, argv, start time, status) and ``log.txt`` (stdout and stderr). At most one
-job runs per ``runs_dir``: ``runs_dir/.active_job`` is created with ``O_EXCL`` and names the
-job and its pid; a lock whose process is gone is stale and cleared by the next reader.
-Cancelling sends SIGTERM to the job's process group; ``--resume`` continues such a run later.
+module variables. ``runs_dir/<job>/`` is a run folder (``vitkd.rundir.RunDir``, the one owner of
+its layout) whose ``job_file`` records pid, argv, start time, status and earlier attempts, and
+whose ``log`` collects stdout and stderr. At most one job runs per ``runs_dir``:
+``runs_dir/.active_job`` is created with ``O_EXCL`` and names the job and its pid; a lock whose
+process is gone is stale and cleared by the next reader.
+
+Cancelling sends SIGTERM to the job's process group: training stops at the next step and the
+process prints one ``stopped: ...`` line naming the last committed epoch. ``resume_job`` runs the
+same command again with ``--resume`` in the same folder, continuing after that epoch.
 """
 
 from __future__ import annotations
@@ -19,25 +23,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, VitkdError
 from .files import write_text_atomic
+from .rundir import RunDir
 
-__all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "active_job", "job_status", "cancel_job", "list_jobs",
-           "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
+__all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "resume_job", "active_job", "job_status", "cancel_job",
+           "list_jobs", "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
            "matching_student_presets", "training_roots", "folder_class_names"]
 
 LOCK_NAME = ".active_job"
 _MUTEX_NAME = ".jobs.mutex"
-_JOB_FILE = "job.json"
-_LOG_FILE = "log.txt"
+_STOPPED_PREFIX = "stopped: "  # the CLI's one line when SIGTERM/SIGINT stopped training at a step boundary
+_RESUME_MARK = "== resume: "  # written to the log before each resumed attempt
 # TrainConfig fields the CLI takes under another name.
 _FLAG_NAMES = {"head_map": "--map", "out_dir": "--out"}
-_DISTILL_ONLY = ("teacher", "head_map", "loss", "alpha", "gate", "kd_weight", "kd_temperature")
+_DISTILL_ONLY = ("teacher", "head_map", "loss", "alpha", "gate", "weighting", "kd", "kd_weight", "kd_temperature")
 
 
 class JobBusyError(VitkdError):
@@ -60,17 +65,32 @@ class Job:
         return self.args[0]
 
     @property
+    def resume_args(self) -> tuple[str, ...]:
+        """The job's arguments with ``--resume`` (added once, however often the run was resumed)."""
+        return self.args if "--resume" in self.args else (*self.args, "--resume")
+
+    @property
+    def folder(self) -> RunDir:
+        """The run folder: its files, lock and committed epoch."""
+        return RunDir(self.run_dir)
+
+    @property
     def log_path(self) -> Path:
-        return self.run_dir / _LOG_FILE
+        return self.folder.log
 
     @property
     def checkpoint(self) -> Path:
-        return self.run_dir / "last.safetensors"
+        return self.folder.last
 
 
 @dataclass(frozen=True)
 class JobStatus:
-    """Where a job stands: ``state`` is running, finished, failed or cancelled; progress from the run folder."""
+    """Where a job stands: ``state`` is running, finished, failed or cancelled; progress from the run folder.
+
+    ``committed_epoch`` is what the run folder's state file commits (read only once the process
+    has ended; 0 while running). ``message`` is the process's last log line when it failed, or
+    its ``stopped`` line (naming the epoch ``--resume`` continues after) when it was cancelled.
+    """
 
     state: str
     epoch: int = 0
@@ -81,6 +101,7 @@ class JobStatus:
     accuracy: float | None = None
     metrics: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     message: str = ""
+    committed_epoch: int = 0
 
     @property
     def fraction(self) -> float:
@@ -95,6 +116,11 @@ class JobStatus:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def resumable(self) -> bool:
+        """Cancelled or crashed with at least one committed epoch and epochs still to go."""
+        return self.state in ("cancelled", "failed") and 0 < self.committed_epoch < self.epochs
 
 
 def config_to_args(config: Mapping[str, Any]) -> list[str]:
@@ -191,9 +217,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def load_job(run_dir: str | Path) -> Job | None:
-    """The job recorded in ``run_dir/job.json``, or None if there is none (or it is unreadable)."""
+    """The job recorded in the run folder's job file, or None if there is none (or it is unreadable)."""
     run_dir = Path(run_dir).resolve()
-    record = _read_json(run_dir / _JOB_FILE)
+    record = _read_json(RunDir(run_dir).job_file)
     if record is None:
         return None
     try:
@@ -226,6 +252,29 @@ def active_job(runs_dir: str | Path) -> Job | None:
         return _active_locked(runs_dir)
 
 
+@contextlib.contextmanager
+def _claim_slot(runs_dir: Path) -> Iterator[Callable[[str, int], None]]:
+    """Hold the mutex and ``runs_dir``'s one-job lock while a job is launched.
+
+    Yields ``claim(name, pid)``, which records the launched job in the lock. The lock is
+    removed again if the block raises (nothing was launched, or launching failed).
+    """
+    with _mutex(runs_dir):
+        running = _active_locked(runs_dir)
+        if running is not None:
+            raise JobBusyError(f"training job {running.name} is still running; wait for it or cancel it first")
+        lock = runs_dir / LOCK_NAME
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise JobBusyError("another training job is starting; try again in a moment") from None
+        try:
+            yield lambda name, pid: _write_json(lock, {"name": name, "pid": pid})
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            raise
+
+
 def _new_run_dir(runs_dir: Path, prefix: str) -> Path:
     prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix).strip(".-") or "run"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -248,6 +297,13 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return child
 
 
+def _spawn(run: RunDir, argv: Sequence[str], env: Mapping[str, str] | None) -> subprocess.Popen:
+    """``python -m vitkd *argv`` in its own session, stdout and stderr appended to the run's log."""
+    with open(run.log, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "vitkd", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=_child_env(env))
+
+
 def start_job(runs_dir: str | Path, config: Mapping[str, Any] | Sequence[str], name: str | None = None,
               env: Mapping[str, str] | None = None) -> Job:
     """Launch ``python -m vitkd train|distill ... --out runs_dir/<job> --no-progress`` detached.
@@ -266,71 +322,88 @@ def start_job(runs_dir: str | Path, config: Mapping[str, Any] | Sequence[str], n
             raise ConfigError("a job chooses its own --out (its run folder); drop --out")
     if "--no-progress" not in args:
         args.append("--no-progress")
-    with _mutex(runs_dir):
-        running = _active_locked(runs_dir)
-        if running is not None:
-            raise JobBusyError(f"training job {running.name} is still running; wait for it or cancel it first")
-        lock = runs_dir / LOCK_NAME
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise JobBusyError("another training job is starting; try again in a moment") from None
-        run_dir = None
-        try:
-            run_dir = _new_run_dir(runs_dir, name or args[0])
-            os.write(fd, json.dumps({"name": run_dir.name, "pid": os.getpid()}).encode())
-            os.close(fd)
-            fd = -1
-            argv = list(args) + ["--out", str(run_dir)]
-            with open(run_dir / _LOG_FILE, "ab") as log:
-                process = subprocess.Popen([sys.executable, "-m", "vitkd", *argv], stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True, env=_child_env(env))
-            started = time.time()
-            _write_json(run_dir / _JOB_FILE, {"pid": process.pid, "args": argv, "started": started,
-                                              "status": "running", "python": sys.executable})
-            _write_json(lock, {"name": run_dir.name, "pid": process.pid})
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            lock.unlink(missing_ok=True)
-            raise
-    return Job(name=run_dir.name, run_dir=run_dir, pid=process.pid, args=tuple(argv), started=started)
+    with _claim_slot(runs_dir) as claim:
+        run = RunDir(_new_run_dir(runs_dir, name or args[0]))
+        argv = list(args) + ["--out", str(run.path)]
+        process = _spawn(run, argv, env)
+        started = time.time()
+        _write_json(run.job_file, {"pid": process.pid, "args": argv, "started": started, "status": "running",
+                                   "python": sys.executable})
+        claim(run.name, process.pid)
+    return Job(name=run.name, run_dir=run.path, pid=process.pid, args=tuple(argv), started=started)
+
+
+def resume_job(runs_dir: str | Path, job: Job, env: Mapping[str, str] | None = None) -> Job:
+    """Run a cancelled or crashed job's command again with ``--resume``, in its run folder, detached.
+
+    Training continues after the epoch the folder's state file commits. The job file keeps
+    each earlier attempt (pid, argv, start, end, status, message) under ``attempts``; the log
+    gets a ``== resume:`` line, then the new attempt's output. Raises ``JobBusyError`` while a
+    job runs in ``runs_dir`` and ``ConfigError`` when the run has nothing to resume (no committed
+    epoch, or every epoch done).
+    """
+    runs_dir = Path(runs_dir).resolve()
+    if job.run_dir.parent != runs_dir:
+        raise ConfigError(f"job {job.name} belongs to {job.run_dir.parent}, not to {runs_dir}")
+    with _claim_slot(runs_dir) as claim:
+        current = load_job(job.run_dir)  # the latest attempt, should another session have resumed it meanwhile
+        if current is None:
+            raise ConfigError(f"{job.run_dir} has no readable job record; start a new run")
+        status = job_status(current)
+        if status.running:  # alive without holding the lock (a lock file removed by hand)
+            raise JobBusyError(f"training job {current.name} is still running; wait for it or cancel it first")
+        if not status.resumable:
+            if status.state == "finished" or (status.epochs and status.committed_epoch >= status.epochs):
+                raise ConfigError(f"{current.name} already finished its {status.epochs} epochs; nothing to resume")
+            raise ConfigError(f"{current.name} has no committed epoch to resume from; start a new run")
+        run = current.folder
+        record = _read_json(run.job_file) or {}
+        previous = {key: record.get(key) for key in ("pid", "args", "started", "ended", "status")}
+        attempts = [*record.get("attempts", []), dict(previous, message=status.message)]
+        argv = list(current.resume_args)
+        with open(run.log, "a") as log:
+            log.write(f"\n{_RESUME_MARK}{time.strftime('%Y-%m-%d %H:%M:%S')}, after epoch "
+                      f"{status.committed_epoch}: python -m vitkd {' '.join(argv)}\n")
+        process = _spawn(run, argv, env)
+        started = time.time()
+        kept = {k: v for k, v in record.items() if k not in ("ended", "attempts")}
+        _write_json(run.job_file, dict(kept, pid=process.pid, args=argv, started=started, status="running",
+                                       python=sys.executable, attempts=attempts))
+        claim(run.name, process.pid)
+    return Job(name=run.name, run_dir=run.path, pid=process.pid, args=tuple(argv), started=started)
 
 
 def _last_log_line(job: Job) -> str:
+    """The log's last non-empty line ("" when the current attempt printed nothing yet)."""
+    log = job.log_path
     try:
-        with open(job.log_path, "rb") as handle:
-            handle.seek(max(0, job.log_path.stat().st_size - 4096))
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - 4096))
             lines = [ln.strip() for ln in handle.read().decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1] if lines else ""
-
-
-def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], ...]:
-    try:
-        text = (run_dir / "metrics.jsonl").read_text()
-    except OSError:
-        return ()
-    rows = []
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return tuple(r for r in rows if isinstance(r, dict))
+    last = lines[-1] if lines else ""
+    return "" if last.startswith(_RESUME_MARK) else last
 
 
 def job_status(job: Job) -> JobStatus:
-    """Read the job's state from its process and run folder (safe to call from any thread, any time)."""
-    record = _read_json(job.run_dir / _JOB_FILE) or {}
-    progress = _read_json(job.run_dir / "progress.json") or {}
-    metrics = _read_metrics(job.run_dir)
+    """Read the job's state from its process and run folder (safe to call from any thread, any time).
+
+    A process that ended with the CLI's ``stopped:`` line (SIGTERM or SIGINT, from ``cancel_job``
+    or anyone else) is cancelled, with that line as the message; any other unfinished end failed.
+    """
+    run = job.folder
+    record = _read_json(run.job_file) or {}
+    progress = run.read_progress()
+    metrics = tuple(run.read_metrics())
     alive = _job_alive(job)
-    if record.get("status") == "cancelled":  # final even while the process is still shutting down
+    last_line = "" if alive else _last_log_line(job)
+    stopped = last_line.startswith(_STOPPED_PREFIX)
+    if record.get("status") == "cancelled" or (not alive and stopped):  # final even while still shutting down
         state = "cancelled"
     elif alive:
         state = "running"
-    elif progress.get("done") and job.checkpoint.is_file():
+    elif progress.get("done") and run.last.is_file():
         state = "finished"
     else:
         state = "failed"
@@ -340,20 +413,35 @@ def job_status(job: Job) -> JobStatus:
     else:
         epoch, batch = int(progress.get("epoch", len(metrics))), int(progress.get("batch", 0))
     last = metrics[-1] if metrics else {}
-    message = _last_log_line(job) if state == "failed" else ""
+    if state == "failed":
+        message = last_line
+    elif state == "cancelled" and stopped:
+        message = last_line[len(_STOPPED_PREFIX):]
+    else:
+        message = ""
+    committed = 0
+    if state in ("cancelled", "failed") and not alive:
+        with contextlib.suppress(VitkdError):  # unreadable state: nothing to resume from
+            committed = run.committed_epoch()
     if state != "running" and record.get("status") != state:
         with contextlib.suppress(OSError):
-            _write_json(job.run_dir / _JOB_FILE, dict(record, status=state, ended=record.get("ended", time.time())))
+            _write_json(run.job_file, dict(record, status=state, ended=record.get("ended", time.time())))
     return JobStatus(state=state, epoch=epoch, epochs=epochs, batch=batch, batches=int(progress.get("batches") or 0),
-                     loss=progress.get("loss"), accuracy=last.get("accuracy"), metrics=metrics, message=message)
+                     loss=progress.get("loss"), accuracy=last.get("accuracy"), metrics=metrics, message=message,
+                     committed_epoch=committed)
 
 
 def cancel_job(job: Job, timeout: float = 10.0) -> JobStatus:
-    """SIGTERM the job's process group, wait up to ``timeout`` s (then SIGKILL), release the lock."""
+    """SIGTERM the job's process group, wait up to ``timeout`` s (then SIGKILL), release the lock.
+
+    Training stops at the next step boundary, so the folder keeps its last committed epoch and
+    no temporary file; SIGKILL is the fallback for a process that does not stop in time.
+    """
     runs_dir = job.run_dir.parent
+    job_file = job.folder.job_file
     with _mutex(runs_dir):
-        record = _read_json(job.run_dir / _JOB_FILE) or {}
-        _write_json(job.run_dir / _JOB_FILE, dict(record, status="cancelled", ended=time.time()))
+        record = _read_json(job_file) or {}
+        _write_json(job_file, dict(record, status="cancelled", ended=time.time()))
     if _job_alive(job):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(job.pid, signal.SIGTERM)
@@ -373,7 +461,7 @@ def cancel_job(job: Job, timeout: float = 10.0) -> JobStatus:
 
 
 def list_jobs(runs_dir: str | Path) -> list[Job]:
-    """Every job ever started in ``runs_dir``, newest first (folders without ``job.json`` are not jobs)."""
+    """Every job ever started in ``runs_dir``, newest attempt first (folders without a job file are not jobs)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []

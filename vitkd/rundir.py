@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_training_state, read_checkpoint_meta, save_checkpoint, save_training_state
+from .checkpoint import (
+    load_training_state,
+    read_checkpoint_meta,
+    read_training_state_epoch,
+    save_checkpoint,
+    save_training_state,
+)
 from .errors import CheckpointError, VitkdError
 from .files import write_text_atomic
 
@@ -140,7 +146,7 @@ class RunDir:
         """The epoch the state file commits (0 when the run has none)."""
         if not self.state.is_file():
             return 0
-        return int(load_training_state(self.state)["epoch"])
+        return read_training_state_epoch(self.state)
 
     def load_state(self) -> dict[str, Any] | None:
         """The committed state, migrated from the older two-file layout if needed, or None."""

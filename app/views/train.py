@@ -2,7 +2,8 @@
 
 The run is a separate ``python -m vitkd`` process (``vitkd.jobs``): it survives page reloads,
 only one runs per server, and its state is read back from its run folder, so every session
-sees the same job. Finished runs' ``last.safetensors`` join the sidebar model picker.
+sees the same job. A cancelled or crashed run with committed epochs can be resumed. Runs'
+last checkpoints (``RunDir.last``) join the sidebar model picker.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import common
-from vitkd.distill import GATES, LOSS_KINDS, parse_head_map
+from vitkd.distill import GATES, LOSS_KINDS
 from vitkd.errors import VitkdError
+from vitkd.headmap import parse_head_map
 from vitkd.jobs import (
     Job,
     JobStatus,
@@ -29,6 +31,7 @@ from vitkd.jobs import (
     list_jobs,
     matching_student_presets,
     preset_shape,
+    resume_job,
     start_job,
     training_roots,
 )
@@ -47,7 +50,7 @@ STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_c
 
 
 def curves(status: JobStatus) -> go.Figure:
-    """Train loss and test accuracy per epoch, from ``metrics.jsonl``."""
+    """Train loss and test accuracy per epoch, from the run's metrics (one row per committed epoch)."""
     epochs = [m.get("epoch") for m in status.metrics]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Training loss", "Test accuracy (%)"))
     fig.add_trace(go.Scatter(x=epochs, y=[m.get("train_loss") for m in status.metrics], mode="lines+markers",
@@ -81,12 +84,17 @@ def show_job(job: Job, status: JobStatus) -> None:
         st.progress(status.fraction, text=text)
     elif status.state == "finished":
         st.success(f"Finished: test accuracy {common.format_accuracy(status.accuracy)}. The checkpoint "
-                   f"`{job.name}/last.safetensors` is now in the sidebar model picker.")
-    elif status.state == "cancelled":
-        st.warning(f"Cancelled after {len(status.metrics)} epochs. Continue it from the command line with "
-                   f"`python -m vitkd {' '.join(job.args)} --resume`.")
+                   f"`{job.name}/{job.checkpoint.name}` is now in the sidebar model picker.")
     else:
-        st.error(f"Failed: {status.message or 'the process ended without finishing'}")
+        cancelled = status.state == "cancelled"
+        if cancelled:
+            text = f"Cancelled: {status.message}." if status.message else "Cancelled."
+        else:
+            text = f"Failed: {status.message or 'the process ended without finishing'}"
+        if status.resumable:
+            text += (f" {status.committed_epoch} of {status.epochs} epochs are committed: **Resume** continues "
+                     f"after epoch {status.committed_epoch} (or run `python -m vitkd {' '.join(job.resume_args)}`).")
+        (st.warning if cancelled else st.error)(text)
     if status.metrics:
         st.plotly_chart(curves(status), key=f"train_curves_{job.name}", config={"displayModeBar": False})
     with st.expander("Log"):
@@ -104,6 +112,14 @@ def cancel(job: Job) -> None:
     st.session_state["train_cancelled"] = job.name
 
 
+def resume(runs_dir: Path, job: Job) -> None:
+    """Button callback: the job's command again with ``--resume``; a refusal is shown by the panel."""
+    try:
+        resume_job(runs_dir, job)
+    except VitkdError as exc:
+        st.session_state["train_error"] = str(exc)
+
+
 @st.fragment(run_every=2)
 def job_panel(runs_dir: Path) -> None:
     """Refreshes itself every 2 s; when the job's state changes the whole page reruns (start button, picker)."""
@@ -113,14 +129,21 @@ def job_panel(runs_dir: Path) -> None:
         st.caption("No training runs yet.")
         return
     status = job_status(shown)
+    if error := st.session_state.pop("train_error", None):
+        st.error(error)
     show_job(shown, status)
     if status.running:
         st.button("Cancel", key="train_cancel", on_click=cancel, args=(shown,), type="secondary",
-                  help="Stops the process (SIGTERM); the last finished epoch is kept and can be resumed.")
+                  help="Stops the process (SIGTERM) at the next training step; committed epochs are kept and "
+                       "the run can be resumed.")
+    elif status.resumable and job is None:
+        st.button("Resume", key="train_resume", on_click=resume, args=(runs_dir, shown), type="primary",
+                  help=f"Runs the same command again with --resume in {shown.name}: training continues after "
+                       f"epoch {status.committed_epoch}, with the same schedule as an uninterrupted run.")
     seen = st.session_state.get("train_seen")
     st.session_state["train_seen"] = (shown.name, status.state)
-    if seen is not None and seen[0] == shown.name and seen[1] == "running" and status.state != "running":
-        st.rerun(scope="app")  # re-enable the start button and refresh the model picker
+    if seen is not None and seen[0] == shown.name and (seen[1] == "running") != status.running:
+        st.rerun(scope="app")  # a run started or ended: the start button and the model picker follow
 
 
 def teacher_choices() -> dict[str, common.CheckpointEntry]:
