@@ -10,7 +10,9 @@ T=${THREADS:-2}
 C=configs/cifar10.yaml
 $P -m vitkd experiment configs/imagenette.yaml --threads "$T"
 $P -m vitkd experiment $C --threads "$T" --only teacher student-baseline student-baseline-seed1
-$P -m vitkd experiment $C --threads 1 --only student-b2b-kl student-b2b-mse student-h2h-kl-gated > runs/lane1.log 2>&1 &
-$P -m vitkd experiment $C --threads 1 --only student-e2e-mse student-h2h-kl student-h2h-kl-seed1 > runs/lane2.log 2>&1 &
+$P -m vitkd experiment $C --threads 1 --only student-b2b-kl student-b2b-mse student-h2h-kl-gated \
+    student-kd student-kd-seed1 student-h2h-kl-student-correct student-deit > runs/lane1.log 2>&1 &
+$P -m vitkd experiment $C --threads 1 --only student-e2e-mse student-h2h-kl student-h2h-kl-seed1 \
+    student-h2h-kl-kd student-h2h-kl-kd-seed1 student-h2h-kl-confidence student-deit-h2h-kl > runs/lane2.log 2>&1 &
 wait
 $P -m vitkd experiment $C --threads "$T"  # every run finished: writes results and the bundle

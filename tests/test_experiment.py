@@ -145,3 +145,17 @@ def test_bundle_replaces_the_variant_only_beyond_the_seed_spread(tmp_path: Path)
     assert picked(incumbent + within + one_seed) == "a"
     assert picked(incumbent + beyond) == "c"
     assert picked(incumbent + [dict(beyond[0]), dict(beyond[1], finished=False)]) == "a"
+
+
+def test_table_names_each_recipe() -> None:
+    base = {"teacher": "t", "loss": "kl", "head_map": "head:4.0->2.0", "alpha": 0.5, "gate": "none",
+            "weighting": "none", "kd": "none", "kd_weight": 0.0, "kd_temperature": 4.0, "epochs": 2, "seed": 0}
+    configs = {"kd": dict(base, head_map=None, alpha=1.0, kd_weight=1.0),
+               "both": dict(base, kd_weight=0.5, gate="student-correct", weighting="student-confidence"),
+               "deit": dict(base, head_map=None, alpha=1.0, kd="deit-hard")}
+    rows = [{"name": n, "config": c, "epoch": 2, "finished": True, "accuracy": 50.0, "parameters": 1000,
+             "wall_time_s": 60.0} for n, c in configs.items()]
+    table = results_table(rows)
+    assert "| kd | - | - | 1.0 | - | 1.0 x KD (T=4) | 0 |" in table
+    assert "| both | kl | head:4.0->2.0 | 0.5 | student-correct + student-confidence | 0.5 x KD (T=4) | 0 |" in table
+    assert "| deit | - | - | 1.0 | - | deit-hard | 0 |" in table

@@ -65,17 +65,33 @@ def _run_summary(name: str, config: TrainConfig, extra: dict[str, Any]) -> dict[
             "head_map": meta.get("head_map")}
 
 
+def _recipe_cells(c: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(attention loss, map, gate/weighting, logit KD) of a run's config, ``-`` where not used."""
+    if c["teacher"] is None:
+        return "-", "-", "-", "-"
+    attention = c.get("head_map") is not None
+    selection = [v for v in (c.get("gate", "none"), c.get("weighting", "none")) if v != "none"]
+    if c.get("kd", "none") == "deit-hard":
+        kd = "deit-hard"
+    elif c.get("kd_weight", 0) > 0:
+        kd = f"{c['kd_weight']} x KD (T={c.get('kd_temperature', 4.0):g})"
+    else:
+        kd = "-"
+    return (c["loss"] if attention else "-", c["head_map"] if attention else "-",
+            " + ".join(selection) or "-", kd)
+
+
 def results_table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per run, then one row per group (mean +- spread over seeds)."""
-    lines = ["| run | loss | map | alpha | gate | seed | epochs | params | top-1 % | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | loss | map | alpha | gate / weighting | logit KD | seed | epochs | params | top-1 % "
+             "| wall time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["config"]
-        distilled = c["teacher"] is not None
+        loss, head_map, selection, kd = _recipe_cells(c)
         lines.append(
-            f"| {r['name']} | {c['loss'] if distilled else '-'} | {c['head_map'] if distilled else '-'} | "
-            f"{c['alpha']} | {c['gate'] if distilled else '-'} | {c['seed']} | {r['epoch']}/{c['epochs']} | "
-            f"{r['parameters'] / 1e6:.2f}M | {r['accuracy']:.2f} | {r['wall_time_s'] / 60:.0f} min |")
+            f"| {r['name']} | {loss} | {head_map} | {c['alpha']} | {selection} | {kd} | {c['seed']} | "
+            f"{r['epoch']}/{c['epochs']} | {r['parameters'] / 1e6:.2f}M | {r['accuracy']:.2f} | "
+            f"{r['wall_time_s'] / 60:.0f} min |")
     groups = _group_stats(results)
     if groups:
         lines += ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
