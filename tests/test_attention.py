@@ -16,6 +16,7 @@ from vitkd.attention import CaptureModule, capture_attention, forward_with_atten
 from vitkd.distill import attention_loss
 from vitkd.errors import IncompatibleModelsError
 from vitkd.models import build_model
+from vitkd.sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,12 +46,36 @@ def _layer_scale(x: torch.Tensor, ls: torch.nn.Module) -> torch.Tensor:
     return x if isinstance(ls, torch.nn.Identity) else x * ls.gamma
 
 
+def spt_reference(images: torch.Tensor, pe: ShiftedPatchTokenization) -> torch.Tensor:
+    """Shifted Patch Tokenization from the paper's description, [B, 3, H, W] -> [B, N, C].
+
+    Channels: the image, then copies moved half a patch up-left, up-right, down-left and
+    down-right (uncovered pixels 0); each patch flattened as (row, column, channel), a
+    LayerNorm over the whole patch, then the linear projection.
+    """
+    (ph, pw), (H, W) = pe.patch_size, images.shape[-2:]
+    sh, sw = ph // 2, pw // 2
+
+    def moved(dy: int, dx: int) -> torch.Tensor:  # out[y, x] = image[y - dy, x - dx], 0 outside
+        out = torch.zeros_like(images)
+        out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+            images[..., max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+        return out
+
+    stack = torch.cat([images, moved(-sh, -sw), moved(-sh, sw), moved(sh, -sw), moved(sh, sw)], dim=1)
+    patches = [stack[:, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].permute(0, 2, 3, 1).flatten(1)
+               for i in range(H // ph) for j in range(W // pw)]  # row-major grid
+    return _linear(_layer_norm(torch.stack(patches, dim=1), pe.norm), pe.proj)
+
+
 def reference_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Plain-op ViT forward (eval mode): ``(class_logits [B, C], [attn_logits [B, H, T, T] per block])``.
 
     q, k and v come from slicing each block's qkv weight by hand; nothing calls a timm module. Covers
     pre-norm blocks with LayerScale (``init_values``), per-head q/k LayerNorms (``qk_norm``), a LayerNorm
-    on the attention output before ``proj`` (``scale_attn_norm``) and one inside the MLP (``scale_mlp_norm``).
+    on the attention output before ``proj`` (``scale_attn_norm``) and one inside the MLP (``scale_mlp_norm``),
+    and SL-ViT's layers: Shifted Patch Tokenization and Locality Self-Attention (logits ``q k^T * logit_scale``,
+    the diagonal ``-inf``).
     """
     for blk in model.blocks:  # anything else is outside what the reference computes
         for name in ("drop_path1", "drop_path2"):
@@ -59,9 +84,12 @@ def reference_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[t
     assert model.global_pool == "token" and isinstance(model.fc_norm, torch.nn.Identity)
 
     pe = model.patch_embed
-    x = F.conv2d(images, pe.proj.weight, pe.proj.bias, stride=pe.patch_size)  # [B, C, gh, gw]
-    B, C = x.shape[:2]
-    x = x.flatten(2).transpose(1, 2)  # row-major patch order
+    if isinstance(pe, ShiftedPatchTokenization):
+        x = spt_reference(images, pe)
+    else:
+        x = F.conv2d(images, pe.proj.weight, pe.proj.bias, stride=pe.patch_size)  # [B, C, gh, gw]
+        x = x.flatten(2).transpose(1, 2)  # row-major patch order
+    B, C = x.shape[0], x.shape[2]
     prefix = [model.cls_token.expand(B, -1, -1)]
     if hasattr(model, "dist_token"):
         prefix.append(model.dist_token.expand(B, -1, -1))
@@ -87,7 +115,11 @@ def reference_forward(model: VisionTransformer, images: torch.Tensor) -> tuple[t
         q, k, v = heads
         q = _layer_norm_or_identity(q, blk.attn.q_norm)  # over each head's D channels
         k = _layer_norm_or_identity(k, blk.attn.k_norm)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+        if isinstance(blk.attn, LocalitySelfAttention):  # learned scale, no token attends to itself
+            logits = (q @ k.transpose(-2, -1)) * blk.attn.logit_scale
+            logits = logits.masked_fill(torch.eye(N, dtype=torch.bool), -math.inf)
+        else:
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)
         all_logits.append(logits)
         probs = torch.exp(logits - logits.amax(-1, keepdim=True))
         probs = probs / probs.sum(-1, keepdim=True)
@@ -290,3 +322,107 @@ def test_capture_module_equals_function() -> None:
         out = capture_attention(model, images, [0, 1])
     assert torch.equal(logits, out.class_logits)
     assert set(attn) == {0, 1} and all(torch.equal(attn[b], out.attn_logits[b]) for b in attn)
+
+
+# ---------------------------------------------------------------- SL-ViT (Shifted Patch Tokenization, LSA)
+
+
+def _sl_model(**overrides) -> VisionTransformer:
+    """A perturbed cifar-student-sl with learned scales away from their initial value."""
+    model = _perturb(build_model("cifar-student-sl", 10, **overrides), seed=11)
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            blk.attn.logit_scale.fill_(0.2 + 0.05 * i)  # the initial value is 0.25
+    return model
+
+
+def _assert_masked_logits_close(got: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    """Same ``-inf`` entries (exactly the diagonal) and finite entries within ``atol``."""
+    diagonal = torch.eye(got.shape[-1], dtype=torch.bool).expand_as(got)
+    assert torch.equal(torch.isneginf(got), diagonal) and torch.equal(torch.isneginf(ref), diagonal)
+    assert torch.isfinite(got[~diagonal]).all()
+    assert (got[~diagonal].double() - ref[~diagonal]).abs().max().item() <= atol
+
+
+def test_capture_with_spt_and_lsa_matches_reference_and_the_fused_forward() -> None:
+    model = _sl_model()
+    assert type(model.blocks[0].attn) is LocalitySelfAttention and model.blocks[0].attn.fused_attn
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        out = capture_attention(model, images)
+        fused = model(images)  # SDPA with the diagonal masked, not the capture's explicit softmax
+        ref_class, ref_logits = reference_forward(copy.deepcopy(model).double(), images.double())
+    assert token_layout(model).num_tokens == 65
+    for idx, ref in enumerate(ref_logits):
+        _assert_masked_logits_close(out.attn_logits[idx], ref, TOL)
+        probs = out.attn_probs[idx]
+        assert torch.equal(probs.diagonal(dim1=-2, dim2=-1), torch.zeros(3, 4, 65))  # exactly 0
+        assert torch.allclose(probs.double(), ref.softmax(-1), atol=1e-6, rtol=0)
+        assert torch.allclose(probs.sum(-1), torch.ones(3, 4, 65), atol=1e-6)
+    assert ref_logits[0][torch.isfinite(ref_logits[0])].std() > 0.5
+    assert (out.class_logits - ref_class).abs().max().item() <= TOL
+    assert (out.class_logits - fused).abs().max().item() <= TOL
+
+
+def test_lsa_capture_gradients_match_reference() -> None:
+    """KL on captured LSA logits (with -inf diagonals) backprops like the reference, into qkv and the scale."""
+    model = _sl_model(depth=2, drop_rate=0.0, proj_drop_rate=0.0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    target = torch.randn(2, 4, 65, 65, generator=torch.Generator().manual_seed(14))
+    params = [model.blocks[1].attn.qkv.weight, model.blocks[1].attn.logit_scale, model.patch_embed.proj.weight]
+
+    out = capture_attention(model, images, [1])
+    grads = torch.autograd.grad(attention_loss(out.attn_logits[1], target, "kl"), params)
+    _, ref_logits = reference_forward(model, images)
+    ref_grads = torch.autograd.grad(attention_loss(ref_logits[1], target, "kl"), params)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all() and g.abs().max() > 0
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_double_precision_with_spt_and_lsa() -> None:
+    """Finite differences agree with autograd through an SL-ViT capture (inputs, a qkv weight, a learned scale)."""
+    torch.manual_seed(0)
+    model = build_model("cifar-student-sl", 3, img_size=8, embed_dim=8, depth=2, num_heads=2,
+                        drop_rate=0.0, proj_drop_rate=0.0).double().eval()
+    images = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def from_images(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = capture_attention(model, x, blocks=[1])
+        return out.attn_probs[1], out.class_logits  # probs: the logits' -inf diagonal is not differentiable
+
+    assert torch.autograd.gradcheck(from_images, (images,), eps=1e-6, atol=1e-5)
+    wrapper = CaptureModule(model, blocks=[0, 1])
+    for name in ("blocks.0.attn.qkv.weight", "blocks.0.attn.logit_scale", "patch_embed.proj.weight"):
+        start = model.get_parameter(name).detach().clone().requires_grad_(True)
+
+        def from_param(w: torch.Tensor, name: str = name) -> torch.Tensor:
+            logits, attn = torch.func.functional_call(wrapper, {f"model.{name}": w}, (images.detach(),))
+            return torch.cat([logits.flatten(), attn[1].masked_fill(attn[1] == -math.inf, 0.0).flatten()])
+
+        assert torch.autograd.gradcheck(from_param, (start,), eps=1e-6, atol=1e-5), name
+
+
+def test_thread_safety_matches_serial_with_lsa() -> None:
+    """Two threads capturing on one shared SL-ViT give exactly the serial results, and leave it untouched."""
+    model = _sl_model(depth=2)
+    gen = torch.Generator().manual_seed(15)
+    inputs = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(4)]
+    blocks_for = [None, [0], [1], [0, 1]]
+
+    def run(i: int) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        with torch.no_grad():
+            out = capture_attention(model, inputs[i % 4], blocks_for[i % 4])
+        return out.class_logits, out.attn_logits, out.attn_probs
+
+    serial = [run(i) for i in range(4)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, range(40)))
+    for i, (logits, attn, probs) in enumerate(results):
+        want_logits, want_attn, want_probs = serial[i % 4]
+        assert torch.equal(logits, want_logits), i
+        assert attn.keys() == want_attn.keys()
+        for b in attn:
+            assert torch.equal(attn[b], want_attn[b]) and torch.equal(probs[b], want_probs[b]), (i, b)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(p.grad is None for p in model.parameters())

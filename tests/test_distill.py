@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitkd.attention import capture_attention
 from vitkd.compiling import CompiledOrEager
 from vitkd.distill import (
     GATES,
@@ -24,6 +25,7 @@ from vitkd.distill import (
 )
 from vitkd.errors import ConfigError, IncompatibleModelsError
 from vitkd.headmap import HeadPair, block_to_block, head_to_head
+from vitkd.models import build_model
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -404,3 +406,120 @@ def test_compiled_loss_matches_eager_values_and_gradients() -> None:
         torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast_grad, eager_grad, rtol=1e-5, atol=1e-6)
         assert not compiled._eager_only  # it really ran the compiled function
+
+
+# ---------------------------------------------------------------- masked keys (Locality Self-Attention diagonals)
+
+# (teacher masks its diagonal, student masks its diagonal): which side is an LSA model
+MASKINGS = {"plain": (False, False), "lsa-teacher": (True, False), "lsa-student": (False, True),
+            "lsa-both": (True, True)}
+
+
+def _mask_diagonal(logits: torch.Tensor, on: bool) -> torch.Tensor:
+    t = logits.shape[-1]
+    return logits.masked_fill(torch.eye(t, dtype=torch.bool), -math.inf) if on else logits
+
+
+def _masked_reference(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss [B] row by row in Python floats: the rule ``attention_loss`` documents.
+
+    mse: mean squared difference over keys finite in both; ce/kl: the student's softmax over its
+    own finite keys against the teacher's softmax over the keys finite in both (student's keys).
+    """
+    b_, p_, t_, _ = student.shape
+    out = []
+    for b in range(b_):
+        total = 0.0
+        for p in range(p_):
+            for q in range(t_):
+                s_row, t_row = student[b, p, q].tolist(), teacher[b, p, q].tolist()
+                if kind == "mse":
+                    keys = [k for k in range(t_) if s_row[k] != -math.inf and t_row[k] != -math.inf]
+                    total += sum((s_row[k] - t_row[k]) ** 2 for k in keys) / len(keys)
+                    continue
+                s_keys = [k for k in range(t_) if s_row[k] != -math.inf]
+                both = [k for k in s_keys if t_row[k] != -math.inf]
+                s_norm = sum(math.exp(s_row[k]) for k in s_keys)
+                t_norm = sum(math.exp(t_row[k]) for k in both)
+                for k in both:
+                    p_t = math.exp(t_row[k]) / t_norm
+                    total += -p_t * math.log(math.exp(s_row[k]) / s_norm)
+                    if kind == "kl":
+                        total += p_t * math.log(p_t)
+        out.append(total / (p_ * t_))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("masking", list(MASKINGS))
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_masked_keys_match_a_row_by_row_reference(logits, kind: str, masking: str) -> None:
+    teacher_lsa, student_lsa = MASKINGS[masking]
+    s = _mask_diagonal(logits[0], student_lsa).requires_grad_(True)
+    t = _mask_diagonal(logits[1], teacher_lsa)
+    reference = _masked_reference(s.detach(), t, kind)
+    eager = attention_loss(s, t, kind, reduction="none")
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(eager.double(), reference, rtol=1e-5, atol=1e-6)
+    # the function torch.compile compiles, and the autograd path (a teacher that requires grad), agree
+    torch.testing.assert_close(per_sample_attention_loss(s, t, kind), eager)
+    torch.testing.assert_close(attention_loss(s, t.clone().requires_grad_(True), kind, reduction="none"), eager)
+    (grad,) = torch.autograd.grad(eager.sum(), s)
+    assert torch.isfinite(grad).all()
+    diagonal = grad.diagonal(dim1=-2, dim2=-1)
+    if student_lsa or (teacher_lsa and kind == "mse"):
+        assert torch.equal(diagonal, torch.zeros_like(diagonal))  # a masked or excluded key gets no gradient
+    elif teacher_lsa:  # ce/kl: the teacher gives its own key no attention, so the student's is pushed down
+        assert (diagonal > 0).all()
+
+
+@pytest.mark.parametrize("masking", list(MASKINGS))
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_masked_keys_gradcheck(kind: str, masking: str) -> None:
+    """float64 finite differences through the hand-written backward and the autograd path, masked keys included."""
+    teacher_lsa, student_lsa = MASKINGS[masking]
+    gen = torch.Generator().manual_seed(21)
+    s = _mask_diagonal(torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=gen), student_lsa)
+    t = _mask_diagonal(torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=gen), teacher_lsa)
+    assert torch.autograd.gradcheck(lambda x: attention_loss(x, t, kind, reduction="none"),
+                                    (s.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda x, y: attention_loss(x, y, kind, reduction="none"),
+                                    (s.clone().requires_grad_(True), t.clone().requires_grad_(True)))
+
+
+def test_unmasked_maps_skip_the_masked_formulas_with_the_same_values(logits) -> None:
+    """attention_loss takes the plain formulas when no map has -inf; the masked ones give the same numbers."""
+    s, t = logits
+    for kind in LOSS_KINDS:
+        plain = per_sample_attention_loss(s, t, kind, masked=False)
+        torch.testing.assert_close(per_sample_attention_loss(s, t, kind), plain)
+        torch.testing.assert_close(attention_loss(s, t, kind, reduction="none"), plain)
+
+
+def test_lsa_student_under_a_plain_teacher_stays_finite(logits) -> None:
+    """Plain KL(p_t || p_s) is +inf when the student cannot attend where the teacher does; the rule renormalises."""
+    s, t = _mask_diagonal(logits[0], True), logits[1]
+    naive = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    assert naive.item() == math.inf
+    loss = attention_loss(s, t, "kl")
+    assert torch.isfinite(loss) and loss > 0
+    # matching the teacher's attention to the other tokens gives 0
+    assert attention_loss(_mask_diagonal(t, True), t, "kl").abs().item() < 1e-6
+
+
+def test_distilling_between_lsa_and_plain_models_is_finite() -> None:
+    """Captured maps of an SL-ViT teacher and a plain student (and the other way round) through distillation_loss."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    sl, plain = build_model("cifar-teacher-sl", 10, depth=1), build_model("cifar-student", 10, depth=1)
+    for teacher, student in ((sl, plain), (build_model("cifar-teacher", 10, depth=1),
+                                           build_model("cifar-student-sl", 10, depth=1))):
+        pairs = block_to_block([0], [0], 4, teacher_heads=[0, 2, 4, 6]).pairs
+        with torch.no_grad():
+            t_attn = gather_heads(capture_attention(teacher, images).attn_logits, pairs, "teacher")
+        out = capture_attention(student, images)
+        s_attn = gather_heads(out.attn_logits, pairs, "student")
+        assert torch.isneginf(t_attn).any() or torch.isneginf(s_attn).any()
+        for kind in LOSS_KINDS:
+            loss = distillation_loss(out.class_logits, labels, s_attn, t_attn, kind, alpha=0.5)["loss"]
+            grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True, retain_graph=True)
+            assert torch.isfinite(loss) and all(g is None or torch.isfinite(g).all() for g in grads), kind

@@ -7,6 +7,7 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+from vitkd.checkpoint import load_checkpoint, save_checkpoint
 from vitkd.cli import main
 from vitkd.errors import ConfigError
 from vitkd.models import (
@@ -18,6 +19,7 @@ from vitkd.models import (
     has_distillation_token,
     model_config,
 )
+from vitkd.sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,3 +72,82 @@ def test_presets_command_lists_the_deit_students(capsys: pytest.CaptureFixture[s
     assert set(lines) == set(PRESETS)
     params = sum(p.numel() for p in build_model("cifar-student-deit", 10).parameters())
     assert f"{params / 1e6:.2f}M" in lines["cifar-student-deit"]
+
+
+# ---------------------------------------------------------------- SL-ViT (spt, lsa)
+
+
+@pytest.mark.parametrize("name, base", [("cifar-teacher-sl", "cifar-teacher"), ("cifar-student-sl", "cifar-student")])
+def test_sl_presets_are_their_base_plus_spt_and_lsa(name: str, base: str) -> None:
+    assert dict(PRESETS[name]) == dict(PRESETS[base], spt=True, lsa=True)
+    model = build_model(name, 10)
+    assert isinstance(model.patch_embed, ShiftedPatchTokenization)
+    assert all(type(blk.attn) is LocalitySelfAttention for blk in model.blocks)
+    base_desc, desc = describe_model(build_model(base, 10)), describe_model(model)
+    assert {k for k in desc if desc[k] != base_desc[k]} == {"parameters", "spt", "lsa"}
+    assert (desc["spt"], desc["lsa"], base_desc["spt"], base_desc["lsa"]) == (True, True, False, False)
+
+
+def test_spt_and_lsa_overrides_build_the_layers_and_round_trip() -> None:
+    model = build_model("cifar-student", 10, spt=True, lsa=True)
+    preset = build_model("cifar-student-sl", 10)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
+    config = model_config(model)
+    assert config.overrides == {"spt": True, "lsa": True}
+    rebuilt = build_model(ModelConfig.from_dict(config.to_dict()))
+    assert describe_model(rebuilt) == describe_model(model)
+    only_lsa = build_model("cifar-student", 10, lsa=True)
+    assert not describe_model(only_lsa)["spt"] and describe_model(only_lsa)["lsa"]
+    plain = build_model("cifar-student-sl", 10, spt=False, lsa=False)  # an override turns a preset's layer off
+    assert describe_model(plain) == describe_model(build_model("cifar-student", 10))
+    deit = build_model("cifar-student-deit", 10, spt=True, lsa=True)
+    assert has_distillation_token(deit) and describe_model(deit)["lsa"]
+    timm_sl = build_model("vit_tiny_patch16_224", 7, img_size=32, depth=1, spt=True, lsa=True)
+    assert describe_model(timm_sl)["spt"] and describe_model(timm_sl)["lsa"]
+    assert "spt" not in PRESETS["cifar-student"] and "spt" in PRESETS["cifar-student-sl"]  # presets untouched
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("cifar-student", {"spt": "yes"}, "'spt' must be true or false"),
+    ("cifar-student", {"lsa": 1}, "'lsa' must be true or false"),
+    ("cifar-student", {"spt": True, "dynamic_img_size": True}, "needs a fixed input size"),
+    ("cifar-student", {"lsa": True, "attn_layer": "attn"}, "attn_layer"),
+    ("cifar-student-sl", {"embed_layer": ShiftedPatchTokenization}, "embed_layer"),
+])
+def test_spt_and_lsa_overrides_reject_bad_values(name: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_model(name, 10, **kwargs)
+
+
+def test_spt_and_lsa_have_no_pretrained_weights() -> None:
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        build_model("vit_tiny_patch16_224", 10, pretrained=True, lsa=True)  # refused before any download
+
+
+def test_sl_checkpoint_round_trip(tmp_path) -> None:
+    model = build_model("cifar-student-sl", 10, depth=2)
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            blk.attn.logit_scale.fill_(0.4 + i)  # learned values, not the initial ones
+    model.eval()
+    path = save_checkpoint(model, {"kind": "supervised"}, tmp_path / "sl.safetensors")
+    loaded, meta = load_checkpoint(path)
+    assert meta["model"] == {"name": "cifar-student-sl", "num_classes": 10, "img_size": None,
+                             "overrides": {"depth": 2}}
+    assert isinstance(loaded.patch_embed, ShiftedPatchTokenization)
+    assert [blk.attn.logit_scale.item() for blk in loaded.blocks] == pytest.approx([0.4, 1.4])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    overridden = build_model("cifar-student", 10, depth=1, spt=True, lsa=True)
+    loaded, meta = load_checkpoint(save_checkpoint(overridden, {}, tmp_path / "override.safetensors"))
+    assert meta["model"]["overrides"] == {"depth": 1, "spt": True, "lsa": True}
+    assert describe_model(loaded) == describe_model(overridden)
+
+
+def test_presets_command_lists_the_sl_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name in ("cifar-teacher-sl", "cifar-student-sl"):
+        params = sum(p.numel() for p in build_model(name, 10).parameters())
+        assert f"{params / 1e6:.2f}M" in lines[name]

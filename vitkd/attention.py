@@ -4,6 +4,10 @@ The capture re-runs the model's own submodules in order. Blocks whose attention 
 requested compute ``q k^T * scale`` explicitly (exact logits, differentiable); every
 other block, and the head, run timm's normal (fused) path. No hooks, no flags, no state:
 concurrent calls on one shared model never see each other's tensors.
+
+Locality Self-Attention blocks (``vitkd.sl_layers``) are captured through the layer's own
+``attention_logits``: the logits are what its softmax sees (``q k^T * logit_scale`` with the
+diagonal at ``-inf``), so each captured map's diagonal has probability exactly 0.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .errors import IncompatibleModelsError
+from .sl_layers import LocalitySelfAttention
 
 __all__ = ["AttentionOutputs", "TokenLayout", "capture_attention", "forward_with_attention", "token_layout",
            "check_supported", "CaptureModule"]
@@ -39,7 +44,8 @@ class AttentionOutputs:
     """Class logits [B, C]; per captured block, attention logits and probabilities [B, H, T, T].
 
     ``attn_probs[i]`` is the very tensor the forward used (so gradients w.r.t. it are
-    meaningful); it equals ``attn_logits[i].softmax(-1)``.
+    meaningful); it equals ``attn_logits[i].softmax(-1)``. Keys a query cannot attend to
+    (the diagonal of a Locality Self-Attention block) have logit ``-inf`` and probability 0.
     """
 
     class_logits: torch.Tensor
@@ -55,11 +61,11 @@ def check_supported(model: torch.nn.Module) -> VisionTransformer:
             f"{type(model).__name__} is not a timm VisionTransformer; vitkd captures attention from ViTs only"
         )
     for idx, blk in enumerate(model.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
+        if type(blk) is not Block or type(blk.attn) not in (Attention, LocalitySelfAttention):
             raise IncompatibleModelsError(
                 f"{type(model).__name__} block {idx} is {type(blk).__name__} "
                 f"with {type(getattr(blk, 'attn', None)).__name__}; "
-                "vitkd supports timm's standard Block with Attention"
+                "vitkd supports timm's standard Block with Attention (or vitkd's LocalitySelfAttention)"
             )
     return model
 
@@ -71,13 +77,20 @@ def token_layout(model: torch.nn.Module) -> TokenLayout:
 
 
 def _attention_with_logits(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` unfused, also returning logits and the probabilities it used."""
+    """timm ``Attention.forward`` unfused, also returning logits and the probabilities it used.
+
+    For ``LocalitySelfAttention`` the logits come from its ``attention_logits`` (scaled by its
+    learned ``logit_scale``, diagonal ``-inf``), as in its own unfused forward.
+    """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if isinstance(attn, LocalitySelfAttention):
+        logits = attn.attention_logits(q, k)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
     probs = logits.softmax(dim=-1)
     out = attn.attn_drop(probs) @ v
     out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)

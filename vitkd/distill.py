@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -61,42 +62,79 @@ def drop_distillation_token(attn_logits: torch.Tensor) -> torch.Tensor:
     return attn_logits.index_select(-2, keep).index_select(-1, keep)
 
 
+def _teacher_over_student_keys(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits with the keys the student masks (``-inf``) masked too.
+
+    Its softmax is the teacher's row renormalised over the keys the student can attend to.
+    """
+    return teacher.masked_fill(student == -math.inf, -math.inf)
+
+
+def _finite(log_p: torch.Tensor) -> torch.Tensor:
+    """``log p`` with ``-inf`` (p = 0) clamped to the lowest finite value, so ``p log p`` is exactly 0 there
+    (not ``0 * -inf = NaN``) and gradients stay finite; every other entry is unchanged."""
+    return log_p.clamp(min=torch.finfo(log_p.dtype).min)
+
+
+def _has_masked_keys(*maps: torch.Tensor) -> bool:
+    """True if a map holds a ``-inf`` logit. One reduction per map, no copy: the masked formulas cost
+    several extra passes over [B, P, T, T], so eager losses skip them for maps without masked keys."""
+    return any(m.numel() > 0 and bool(m.amin() == -math.inf) for m in maps)
+
+
+def _soft_target_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, pt: torch.Tensor, kl: bool,
+                      masked: bool) -> torch.Tensor:
+    """Per row ``-sum p_t log p_s`` (+ ``sum p_t log p_t`` for KL); with ``masked``, keys with ``p_t = 0`` add 0."""
+    if masked:
+        log_ps, log_pt = _finite(log_ps), _finite(log_pt)
+    if kl:
+        return (pt * (log_pt - log_ps)).sum(-1)
+    return -(pt * log_ps).sum(-1)
+
+
 class _SoftTargetRowLoss(torch.autograd.Function):
     """Per-row ``-sum p_t log p_s`` (``+ sum p_t log p_t`` for KL) against a fixed teacher.
 
     Both have the gradient ``p_s - p_t`` w.r.t. the student logits; writing it by hand
     replaces autograd's chain through log-softmax, product and sum, which dominates the
-    cost of a distillation step (maps are [B, pairs, T, T]).
+    cost of a distillation step (maps are [B, pairs, T, T]). Masked keys follow
+    ``attention_loss``: ``p_t`` is renormalised over the student's unmasked keys.
     """
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kl: bool) -> torch.Tensor:
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kl: bool, masked: bool) -> torch.Tensor:
         log_ps = F.log_softmax(student, dim=-1)
-        log_pt = F.log_softmax(teacher, dim=-1)
+        log_pt = F.log_softmax(_teacher_over_student_keys(student, teacher) if masked else teacher, dim=-1)
         pt = log_pt.exp()
-        per_row = (pt * (log_pt - log_ps)).sum(-1) if kl else -(pt * log_ps).sum(-1)
+        per_row = _soft_target_rows(log_ps, log_pt, pt, kl, masked)
         ctx.save_for_backward(log_ps, pt)
         return per_row
 
     @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         log_ps, pt = ctx.saved_tensors
-        return (log_ps.exp() - pt) * grad_rows.unsqueeze(-1), None, None
+        return (log_ps.exp() - pt) * grad_rows.unsqueeze(-1), None, None, None
 
 
-def per_sample_attention_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+def per_sample_attention_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+                              masked: bool = True) -> torch.Tensor:
     """``attention_loss(..., reduction="none")`` in plain ops, for ``torch.compile`` to fuse.
 
     On CPU the compiled KL runs forward and backward several times faster than eager
     PyTorch, whose many passes over [B, pairs, T, T] dominate a distillation step.
+    Masked (``-inf``) keys are handled as ``attention_loss`` documents; ``masked=False`` skips
+    that handling (same values for maps without ``-inf``, fewer passes in eager PyTorch).
     """
     if kind == "mse":
-        per_row = (student - teacher).pow(2).mean(dim=-1)
+        if masked:
+            both = (student != -math.inf) & (teacher != -math.inf)
+            per_row = torch.where(both, student - teacher, 0.0).pow(2).sum(-1) / both.sum(-1)
+        else:
+            per_row = (student - teacher).pow(2).mean(dim=-1)
     else:
         log_ps = F.log_softmax(student, dim=-1)
-        log_pt = F.log_softmax(teacher, dim=-1)
-        pt = log_pt.exp()
-        per_row = -(pt * log_ps).sum(-1) if kind == "ce" else (pt * (log_pt - log_ps)).sum(-1)
+        log_pt = F.log_softmax(_teacher_over_student_keys(student, teacher) if masked else teacher, dim=-1)
+        per_row = _soft_target_rows(log_ps, log_pt, log_pt.exp(), kind == "kl", masked)
     return per_row.flatten(1).mean(dim=1)
 
 
@@ -117,6 +155,20 @@ def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     ``reduction="none"`` returns the per-sample mean [B] (what the gates and weightings reweigh).
     Probabilities are computed in float32 and log space. ``per_sample_fn`` (a compiled
     ``per_sample_attention_loss`` of the same kind) replaces the eager computation.
+
+    Masked keys: a logit of ``-inf`` marks a key the query cannot attend to (the diagonal of a
+    Locality Self-Attention block, ``vitkd.sl_layers``). Either model may have them:
+
+    - ``mse`` leaves out every key masked in either model: a row is the mean over the keys
+      finite in both (a plain student's diagonal logit is free under an LSA teacher);
+    - ``ce``/``kl`` compare the student's own distribution ``p_s`` with the teacher's row
+      renormalised over the keys the student can attend to: ``p_t`` is the softmax of the
+      teacher's logits with the student's masked keys set to ``-inf``. Keys with ``p_t = 0``
+      add 0 (``0 log 0 = 0``). So a plain student under an LSA teacher is pushed to give its
+      own key no attention (what the teacher does), and an LSA student under a plain teacher
+      matches the teacher's attention to the other tokens, never an unreachable ``+inf``.
+
+    Each row must keep one key that neither model masks (LSA masks only the diagonal, T >= 2).
     """
     if student_logits.shape != teacher_logits.shape:
         raise IncompatibleModelsError(f"mapped attention shapes differ: student {tuple(student_logits.shape)}, "
@@ -129,9 +181,9 @@ def attention_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     if per_sample_fn is not None:
         per_sample = per_sample_fn(s, t)
     elif kind in ("ce", "kl") and not t.requires_grad:
-        per_sample = _SoftTargetRowLoss.apply(s, t, kind == "kl").flatten(1).mean(dim=1)
+        per_sample = _SoftTargetRowLoss.apply(s, t, kind == "kl", _has_masked_keys(s, t)).flatten(1).mean(dim=1)
     else:
-        per_sample = per_sample_attention_loss(s, t, kind)
+        per_sample = per_sample_attention_loss(s, t, kind, masked=_has_masked_keys(s, t))
     if reduction == "none":
         return per_sample
     if reduction == "mean":

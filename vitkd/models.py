@@ -2,6 +2,11 @@
 
 Presets named in ``DISTILLED_PRESETS`` build timm's ``VisionTransformerDistilled`` (DeiT): a
 distillation token after CLS (two prefix tokens) and a second classifier head on it.
+
+The keys in ``SL_KEYS`` (``spt``, ``lsa``; true or false) are read by ``build_model``, never passed to
+timm: ``spt`` makes the patch embedding ``ShiftedPatchTokenization`` and ``lsa`` every block's
+attention ``LocalitySelfAttention`` (SL-ViT, Lee et al. 2021; ``vitkd.sl_layers``). The ``-sl``
+presets set both; any preset or timm name takes them as overrides.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from .errors import ConfigError
+from .sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 
 __all__ = ["ModelConfig", "PRESETS", "DISTILLED_PRESETS", "build_model", "count_parameters", "describe_model",
-           "model_config", "default_img_size", "has_distillation_token"]
+           "model_config", "default_img_size", "has_distillation_token", "SL_KEYS"]
 
 # Presets are data: keyword arguments for timm's VisionTransformer.
 _SEED_COMMON = dict(img_size=32, patch_size=8, embed_dim=64, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
@@ -40,6 +46,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # Bundled Imagenette pair: 128x128 photos, patch 16 gives the same 8x8 grid.
     "nette-teacher": MappingProxyType(dict(_NETTE_COMMON, embed_dim=96, depth=6, num_heads=8, mlp_ratio=2.0)),
     "nette-student": _NETTE_STUDENT,
+    # SL-ViT versions of the CIFAR pair: same sizes, Shifted Patch Tokenization and Locality Self-Attention.
+    "cifar-teacher-sl": MappingProxyType(dict(_CIFAR_COMMON, embed_dim=96, depth=6, num_heads=8, mlp_ratio=2.0,
+                                              spt=True, lsa=True)),
+    "cifar-student-sl": MappingProxyType(dict(_CIFAR_STUDENT, spt=True, lsa=True)),
     # DeiT students: the students above plus a distillation token and head (see DISTILLED_PRESETS).
     "cifar-student-deit": _CIFAR_STUDENT,
     "nette-student-deit": _NETTE_STUDENT,
@@ -47,6 +57,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 # Presets built as timm's VisionTransformerDistilled. The preset name alone decides the class, so a
 # checkpoint's recorded ModelConfig (name + overrides) rebuilds the same architecture.
 DISTILLED_PRESETS: frozenset[str] = frozenset({"cifar-student-deit", "nette-student-deit"})
+# Preset keys and overrides build_model turns into layers (SL-ViT); see the module docstring.
+SL_KEYS: tuple[str, ...] = ("spt", "lsa")
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,8 @@ class ModelConfig:
         name: a key of ``PRESETS`` or any timm ViT-family model name.
         num_classes: size of the classifier head.
         img_size: input resolution; None keeps the preset's or timm's default.
-        overrides: extra ``VisionTransformer`` keyword arguments (e.g. ``depth``, ``reg_tokens``).
+        overrides: extra ``VisionTransformer`` keyword arguments (e.g. ``depth``, ``reg_tokens``), and
+            ``spt``/``lsa`` (booleans, see ``SL_KEYS``).
     """
 
     name: str
@@ -83,7 +96,10 @@ def build_model(
     pretrained: bool = False,
     **overrides: Any,
 ) -> VisionTransformer:
-    """Build a preset or timm ViT. ``pretrained`` downloads weights (needs a network)."""
+    """Build a preset or timm ViT. ``pretrained`` downloads weights (needs a network).
+
+    ``spt=True``/``lsa=True`` (in a preset or as overrides) swap in SL-ViT's layers; see ``SL_KEYS``.
+    """
     if isinstance(name, ModelConfig):
         config = name
     else:
@@ -99,6 +115,7 @@ def build_model(
         if config.img_size is not None:
             preset["img_size"] = config.img_size
         preset.update(kwargs)
+        _use_sl_layers(preset, config.name)
         model_cls = VisionTransformerDistilled if config.name in DISTILLED_PRESETS else VisionTransformer
         try:
             model = model_cls(**preset)
@@ -107,6 +124,9 @@ def build_model(
     else:
         if config.img_size is not None:
             kwargs["img_size"] = config.img_size
+        if _use_sl_layers(kwargs, config.name) and pretrained:
+            raise ConfigError(f"{config.name!r} has no pretrained weights for spt/lsa layers; drop --pretrained "
+                              "or the spt/lsa overrides")
         try:
             model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
         except RuntimeError as exc:
@@ -124,6 +144,25 @@ def build_model(
             )
     model.vitkd_config = config  # type: ignore[attr-defined]  # recorded for checkpoints
     return model
+
+
+def _use_sl_layers(kwargs: dict[str, Any], name: str) -> bool:
+    """Replace the ``spt``/``lsa`` keys of ``kwargs`` by timm's ``embed_layer``/``attn_layer``; True if any is on."""
+    flags = {key: kwargs.pop(key, False) for key in SL_KEYS}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"model override {key!r} must be true or false, got {value!r}")
+    clashes = {"spt": "embed_layer", "lsa": "attn_layer"}
+    for key, layer_arg in clashes.items():
+        if flags[key] and layer_arg in kwargs:
+            raise ConfigError(f"{name!r}: {key}=true sets {layer_arg}; drop one of them")
+    if flags["spt"]:
+        if kwargs.get("dynamic_img_size"):
+            raise ConfigError(f"{name!r}: spt=true needs a fixed input size; drop dynamic_img_size")
+        kwargs["embed_layer"] = ShiftedPatchTokenization
+    if flags["lsa"]:
+        kwargs["attn_layer"] = LocalitySelfAttention
+    return flags["spt"] or flags["lsa"]
 
 
 def model_config(model: torch.nn.Module) -> ModelConfig:
@@ -162,6 +201,8 @@ def describe_model(model: VisionTransformer) -> dict[str, Any]:
         "patch_size": list(model.patch_embed.patch_size),
         "num_classes": model.num_classes,
         "distillation_token": has_distillation_token(model),
+        "spt": isinstance(model.patch_embed, ShiftedPatchTokenization),
+        "lsa": any(isinstance(blk.attn, LocalitySelfAttention) for blk in model.blocks),
     }
 
 
