@@ -90,7 +90,7 @@ def bench_steps(batch: int, reps: int, warmup: int, head_map_spec: str, loss: st
         with torch.no_grad():
             t_logits, t_attn = teacher_fn(images)
         terms = distillation_loss(out.class_logits, labels, gather_heads(out.attn_logits, head_map.pairs, "student"),
-                                  gather_heads(t_attn, head_map.pairs, "teacher"), loss, 0.5,
+                                  gather_heads(t_attn, head_map.pairs, "teacher", kind=loss), loss, 0.5,
                                   teacher_class_logits=t_logits, per_sample_fn=per_sample_fn)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

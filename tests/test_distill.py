@@ -523,3 +523,86 @@ def test_distilling_between_lsa_and_plain_models_is_finite() -> None:
             loss = distillation_loss(out.class_logits, labels, s_attn, t_attn, kind, alpha=0.5)["loss"]
             grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True, retain_graph=True)
             assert torch.isfinite(loss) and all(g is None or torch.isfinite(g).all() for g in grads), kind
+
+
+# ---------------------------------------------------------------- many-to-one head maps (teacher head groups)
+
+
+def _group_target_by_loop(maps: torch.Tensor, heads: list[int], kind: str) -> torch.Tensor:
+    """Reference target for one group, entry by entry: mean probability (log of it) or mean logit."""
+    b, _, t, _ = maps.shape
+    out = torch.empty(b, t, t, dtype=torch.float64)
+    for i in range(b):
+        for q in range(t):
+            if kind == "mse":
+                out[i, q] = sum(maps[i, h, q].double() for h in heads) / len(heads)
+            else:
+                probs = [torch.exp(maps[i, h, q].double()) / torch.exp(maps[i, h, q].double()).sum() for h in heads]
+                out[i, q] = torch.log(sum(probs) / len(heads))
+    return out
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_gather_heads_merges_a_group_of_teacher_heads(kind: str) -> None:
+    torch.manual_seed(0)
+    teacher = {5: torch.randn(2, 8, T, T) * 2, 4: torch.randn(2, 8, T, T) * 2}
+    student = {3: torch.randn(2, 4, T, T), 2: torch.randn(2, 4, T, T)}
+    head_map = head_to_head([(5, [0, 1], 3, 0), (5, 6, 3, 2), (4, [7, 2, 3], 2, 1)])
+    target = gather_heads(teacher, head_map.pairs, "teacher", kind)
+    assert target.shape == (2, 3, T, T) and target.dtype == torch.float32
+    for idx, (block, heads) in enumerate(((5, [0, 1]), (5, [6]), (4, [7, 2, 3]))):
+        torch.testing.assert_close(target[:, idx].double(), _group_target_by_loop(teacher[block], heads, kind),
+                                   rtol=1e-5, atol=1e-5)
+    # the student side stacks each mapped student head once, in the same order
+    torch.testing.assert_close(gather_heads(student, head_map.pairs, "student"),
+                               torch.stack([student[3][:, 0], student[3][:, 2], student[2][:, 1]], 1))
+    if kind != "mse":  # the loss's softmax gives back the group's mean distribution
+        mean_probs = (teacher[5][:, 0].softmax(-1) + teacher[5][:, 1].softmax(-1)) / 2
+        torch.testing.assert_close(target[:, 0].softmax(-1), mean_probs)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_equal_groups_take_the_same_values_as_uneven_ones(kind: str) -> None:
+    """The one-reduction path for equal groups (8 -> 4 block maps) against the per-group path."""
+    torch.manual_seed(1)
+    teacher = {1: torch.randn(3, 8, T, T) * 2}
+    even = block_to_block([1], [0], 4, num_teacher_heads=8)  # {0,1}->0, {2,3}->1, ...
+    target = gather_heads(teacher, even.pairs, "teacher", kind)
+    for sh in range(4):
+        torch.testing.assert_close(target[:, sh].double(), _group_target_by_loop(teacher[1], [2 * sh, 2 * sh + 1],
+                                                                                 kind), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_need_the_loss_kind_and_singletons_do_not() -> None:
+    teacher = {5: torch.randn(2, 8, T, T)}
+    with pytest.raises(ConfigError, match="needs the attention loss"):
+        gather_heads(teacher, head_to_head([(5, [0, 1], 3, 0)]).pairs, "teacher")
+    one_to_one = head_to_head([(5, 2, 3, 0)]).pairs
+    assert torch.equal(gather_heads(teacher, one_to_one, "teacher", "kl"), teacher[5][:, 2:3])  # logits as is
+
+
+def test_group_of_lsa_heads_keeps_masked_keys_masked() -> None:
+    """LSA heads all mask the diagonal: the merged target too (probability 0, no NaN), for each kind."""
+    maps = _mask_diagonal(torch.randn(2, 4, T, T), True)
+    head_map = block_to_block([0], [0], 2, num_teacher_heads=4)
+    for kind in LOSS_KINDS:
+        target = gather_heads({0: maps}, head_map.pairs, "teacher", kind)
+        assert not torch.isnan(target).any()
+        assert torch.isneginf(torch.diagonal(target, dim1=-2, dim2=-1)).all()
+        student = torch.randn(2, 2, T, T, requires_grad=True)
+        loss = attention_loss(student, target, kind)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), kind
+
+
+def test_group_target_is_a_fixed_teacher_for_the_loss() -> None:
+    """Through distillation_loss, a group's KL pulls the student head towards the group's mean distribution."""
+    torch.manual_seed(2)
+    teacher = {0: torch.randn(2, 2, T, T) * 3}
+    pairs = head_to_head([(0, [0, 1], 0, 0)]).pairs
+    target = gather_heads(teacher, pairs, "teacher", "kl")
+    mean_probs = (teacher[0][:, 0].softmax(-1) + teacher[0][:, 1].softmax(-1)) / 2
+    on_target = mean_probs.log()[:, None]
+    assert attention_loss(on_target, target, "kl").abs().item() < 1e-6
+    for head in (0, 1):  # either teacher head alone is farther from the group's target
+        assert attention_loss(teacher[0][:, head:head + 1], target, "kl").item() > 1e-3

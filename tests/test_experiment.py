@@ -43,7 +43,7 @@ def test_experiment_runs_skips_and_bundles(tmp_path: Path, image_folder: Path) -
         assert r["finished"] and r["epoch"] == 1
     distilled = results[2]
     assert distilled["config"]["teacher"] == str(tmp_path / "runs" / "teacher" / "last.safetensors")
-    assert distilled["head_map"] == [[1, h, 1, h] for h in range(4)]
+    assert distilled["head_map"] == [[1, [2 * h, 2 * h + 1], 1, h] for h in range(4)]  # 8 -> 4 heads: even groups
 
     saved = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert saved == results

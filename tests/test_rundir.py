@@ -20,7 +20,7 @@ from conftest import TinyPair
 from safetensors.torch import load_file
 
 from vitkd.checkpoint import load_training_state, read_checkpoint_meta, save_training_state
-from vitkd.errors import CheckpointError
+from vitkd.errors import CheckpointError, ConfigError
 from vitkd.rundir import RunBusyError, RunDir
 from vitkd.train import TrainConfig, train
 
@@ -241,3 +241,17 @@ def test_distillation_refuses_a_teacher_of_other_classes_before_training(
     with pytest.raises(IncompatibleModelsError, match="teacher's classes"):
         train(config, progress=False)
     assert not RunDir(config.out_dir).state.exists()
+
+
+def test_resume_follows_head_pairs_not_the_map_spelling(tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path,
+                                                        tiny_pair: TinyPair) -> None:
+    """Same pairs spelled differently resume; a spelling whose meaning changed (grouped default) is refused."""
+    def config(head_map: str) -> TrainConfig:
+        return _config(tmp_path / "run", image_folder, vitkd_cache_dir, epochs=2, teacher=str(tiny_pair.teacher),
+                       alpha=0.5, head_map=head_map, model_overrides={"depth": 2})
+
+    train(config("block:1->1[0,1,2,3]"), stop_after_epochs=1, progress=False)
+    with pytest.raises(ConfigError, match="now means"):
+        train(config("block:1->1"), resume=True, progress=False)  # 8 -> 4 heads: grouped {0,1}, {2,3}, ...
+    train(config("head:1.0->1.0;1.1->1.1;1.2->1.2;1.3->1.3"), resume=True, progress=False)
+    assert RunDir(tmp_path / "run").committed_epoch() == 2

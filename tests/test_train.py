@@ -68,7 +68,9 @@ def test_resume_is_bit_identical(distill: bool, tmp_path: Path, image_folder: Pa
     # the resumed model differs from the one saved after epoch 1 (it really trained on)
     assert meta_b["kind"] == ("distilled" if distill else "supervised")
     if distill:
-        assert meta_b["head_map"] == [[1, h, 1, h] for h in range(4)] + [[0, h, 0, h] for h in range(4)]
+        # 8 teacher heads -> 4 student heads: each student head follows an even group of two
+        assert meta_b["head_map"] == ([[1, [2 * h, 2 * h + 1], 1, h] for h in range(4)]
+                                      + [[0, [2 * h, 2 * h + 1], 0, h] for h in range(4)])
 
     # the recorded accuracy is the accuracy of the saved weights on the test split
     test = load_split(straight.data, "test", 32, cache_dir=vitkd_cache_dir, progress=False)
@@ -234,3 +236,199 @@ def test_distillation_checks_run_before_any_data_is_read(extra: dict, match: str
 def test_warmup_must_end_before_the_run_does() -> None:
     with pytest.raises(ConfigError, match="warmup_epochs"):
         TrainConfig(model="cifar-student", data="cifar10", out_dir="x", epochs=2, warmup_epochs=2.0)
+
+
+# ------------------------------------------------------------------ issue 14: other patch grids, head groups
+
+
+def _grid_config(tmp_path: Path, image_folder: Path, cache: Path, teacher: Path, **changes) -> TrainConfig:
+    """A cifar-student with 8 px patches (a 4x4 grid) under the tiny teacher (8x8 grid, 8 heads per block)."""
+    fields = dict(model="cifar-student", model_overrides={"patch_size": 8, "depth": 2},
+                  data=f"imagefolder:{image_folder}", out_dir=str(tmp_path / "run"), epochs=1, batch_size=32,
+                  warmup_epochs=0.0, device="cpu", cache_dir=str(cache), eval_batch_size=64,
+                  teacher=str(teacher), head_map="block:1->1;0->0", loss="kl", alpha=0.5)
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def _reference_targets(teacher_attn: torch.Tensor, kind: str) -> torch.Tensor:
+    """Teacher maps [B, 8, 65, 65] (CLS + 8x8) -> targets [B, 4, 17, 17] (CLS + 4x4), with reshapes alone.
+
+    Heads {2j, 2j+1} -> student head j: mean probability (kl) or mean logit (mse). Then per 2x2 patch
+    cell: queries averaged; keys summed (kl: a student key holds its four teacher keys' mass) or
+    averaged (mse logits); the CLS row and column resampled along one axis only.
+    """
+    b = teacher_attn.shape[0]
+    x = teacher_attn.double()
+    if kind == "kl":
+        x = x.softmax(-1)
+    x = (x[:, 0::2] + x[:, 1::2]) / 2                                           # [B, 4, 65, 65]
+    key_op = (lambda v: v.sum(dim=(-3, -1))) if kind == "kl" else (lambda v: v.mean(dim=(-3, -1)))
+    cls_cls = x[..., :1, :1]
+    cls_keys = key_op(x[..., :1, 1:].reshape(b, 4, 1, 4, 2, 4, 2)).reshape(b, 4, 1, 16)
+    cls_col = x[..., 1:, :1].reshape(b, 4, 4, 2, 4, 2, 1).mean(dim=(3, 5)).reshape(b, 4, 16, 1)
+    patches = x[..., 1:, 1:].reshape(b, 4, 4, 2, 4, 2, 64).mean(dim=(3, 5)).reshape(b, 4, 16, 64)
+    patches = key_op(patches.reshape(b, 4, 16, 4, 2, 4, 2)).reshape(b, 4, 16, 16)
+    out = torch.cat([torch.cat([cls_cls, cls_keys], -1), torch.cat([cls_col, patches], -1)], -2)
+    return out.log() if kind == "kl" else out
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_grid_distillation_step_matches_a_reference(kind: str, tmp_path: Path, image_folder: Path,
+                                                    vitkd_cache_dir: Path, tiny_pair: TinyPair) -> None:
+    """One step's attention term: teacher heads grouped 8 -> 4 and resampled 8x8 -> 4x4 in the capture path."""
+    from vitkd.attention import capture_attention
+    from vitkd.data import iterate_batches
+    from vitkd.distill import attention_loss
+    from vitkd.rundir import RunDir
+    from vitkd.train import _check_before_data, _setup, _step_terms
+
+    config = _grid_config(tmp_path, image_folder, vitkd_cache_dir, tiny_pair.teacher, loss=kind)
+    run = _setup(config, RunDir(config.out_dir), 0, 1, torch.device("cpu"), _check_before_data(config), False)
+    run.forward.eval()  # no dropout: the reference forward below sees the same student
+    images, labels = next(iter(iterate_batches(run.train_data, 32, train=False)))
+    terms = _step_terms(run, images, labels)
+    with torch.no_grad():
+        t_attn = capture_attention(run.teacher, images, [0, 1]).attn_logits
+        s_attn = capture_attention(run.student, images, [0, 1]).attn_logits
+    student_maps = torch.cat([s_attn[1], s_attn[0]], dim=1)  # block:1->1;0->0, every student head
+    targets = torch.cat([_reference_targets(t_attn[1], kind), _reference_targets(t_attn[0], kind)], dim=1)
+    expected = attention_loss(student_maps.double(), targets, kind)
+    assert terms["att"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert terms["att"].item() > 0 and torch.isfinite(terms["loss"])
+    # the gradient of the attention term reaches the student, never the teacher
+    assert all(p.grad is None for p in run.teacher.parameters())
+    grads = torch.autograd.grad(terms["loss"], list(run.student.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_distillation_onto_a_coarser_patch_grid_trains_and_records_the_map(
+        kind: str, tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path, tiny_pair: TinyPair) -> None:
+    import math
+
+    from vitkd.attention import token_layout
+    from vitkd.headmap import HeadMap
+
+    config = _grid_config(tmp_path, image_folder, vitkd_cache_dir, tiny_pair.teacher, loss=kind,
+                          head_map="head:1.{0,1,2}->1.0;1.5->1.1;0.{6,7}->0.3")
+    metrics = train(config, progress=False)
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_att"] > 0
+    model, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert token_layout(model).grid_size == (4, 4) and meta["kind"] == "distilled"
+    assert meta["head_map"] == [[1, [0, 1, 2], 1, 0], [1, 5, 1, 1], [0, [6, 7], 0, 3]]
+    assert HeadMap.from_list(meta["head_map"]).validate(2, 8, 2, 4).describe() == (
+        "T1.{0,1,2}->S1.0, T1.5->S1.1, T0.{6,7}->S0.3")
+    test = load_split(config.data, "test", 32, cache_dir=vitkd_cache_dir, progress=False)
+    assert evaluate(model, test)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_cli_distils_onto_a_finer_patch_grid(tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path) -> None:
+    """``python -m vitkd distill``: a 4x4-grid teacher (8 heads) -> the cifar-student preset (8x8 grid, 4 heads),
+    teacher maps resampled bilinearly, block map grouping the teacher's heads 8 -> 4."""
+    import math
+    import subprocess
+    import sys
+
+    teacher_cfg = TrainConfig(model="cifar-teacher", data=f"imagefolder:{image_folder}",
+                              out_dir=str(tmp_path / "teacher"), epochs=1, batch_size=32, warmup_epochs=0.0,
+                              device="cpu", cache_dir=str(vitkd_cache_dir), eval_batch_size=64,
+                              model_overrides={"patch_size": 8, "depth": 1, "embed_dim": 32})
+    train(teacher_cfg, progress=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitkd", "distill", "--model", "cifar-student", "--teacher",
+         str(tmp_path / "teacher" / "last.safetensors"), "--map", "block:0->3", "--loss", "kl", "--alpha", "0.5",
+         "--data", f"imagefolder:{image_folder}", "--out", str(tmp_path / "student"), "--epochs", "1",
+         "--batch-size", "32", "--device", "cpu", "--threads", "1", "--no-progress"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_att"] > 0
+    _, meta = load_checkpoint(tmp_path / "student" / "last.safetensors")
+    assert meta["head_map"] == [[0, [2 * h, 2 * h + 1], 3, h] for h in range(4)]
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(model_overrides={"patch_size": 8, "depth": 2, "reg_tokens": 1}),
+     r"1 prefix \+ 8x8 grid.*2 prefix \+ 4x4 grid.*prefix tokens"),
+    (dict(img_size=64, model_overrides={"patch_size": 8, "depth": 2}),
+     "teacher reads 32x32 images and the student 64x64"),
+    (dict(head_map="head:1.{0,1}->1.0;0.2->1.0"), "mapped twice, to teacher blocks 1 and 0"),
+])
+def test_grid_distillation_refuses_what_cannot_work(changes: dict, match: str, tmp_path: Path,
+                                                    tiny_pair: TinyPair) -> None:
+    from vitkd.errors import VitkdError
+
+    config = _grid_config(tmp_path, tmp_path / "no-such-folder", tmp_path / "cache", tiny_pair.teacher, **changes)
+    with pytest.raises(VitkdError, match=match):  # before any data is read
+        train(config, progress=False)
+
+
+def test_experiment_teacher_given_as_a_checkpoint_path(tmp_path: Path) -> None:
+    import yaml
+
+    from vitkd.experiment import load_experiment
+
+    spec = {"out_dir": str(tmp_path / "runs"), "data": "cifar10",
+            "runs": [{"name": "kd", "model": "cifar-student", "teacher": "elsewhere/teacher/last.safetensors",
+                      "head_map": "block:5->3", "alpha": 0.5},
+                     {"name": "bad", "model": "cifar-student", "teacher": "no-such-run", "alpha": 0.5}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="'no-such-run', which is not an earlier run"):
+        load_experiment(path)
+    spec["runs"].pop()
+    path.write_text(yaml.safe_dump(spec))
+    _, runs = load_experiment(path)
+    assert runs[0][1].teacher == "elsewhere/teacher/last.safetensors"
+    # the issue-14 study: the CIFAR-10 study's teacher into a 4x4-grid student, and its labels-only baseline
+    _, runs = load_experiment(Path(__file__).resolve().parents[1] / "configs" / "cifar10_grid.yaml")
+    by_name = {name: config for name, config, _ in runs}
+    assert set(by_name) == {"student-grid-baseline", "student-grid-h2h-kl"}
+    for config in by_name.values():
+        assert config.model == "cifar-student" and config.model_overrides == {"patch_size": 8}
+        assert config.out_dir.startswith("runs/cifar10-grid/")
+    distilled = by_name["student-grid-h2h-kl"]
+    assert distilled.teacher == "runs/cifar10/teacher/last.safetensors" and distilled.loss == "kl"
+    assert distilled.alpha == 0.5 and by_name["student-grid-baseline"].teacher is None
+
+
+def test_deit_student_on_a_coarser_grid_trains(tmp_path: Path, image_folder: Path, vitkd_cache_dir: Path,
+                                               tiny_pair: TinyPair) -> None:
+    """A DeiT student (CLS + distillation token + 4x4) under the plain 8x8 teacher: its maps lose the
+    distillation token, then match the teacher's maps resampled onto 4x4."""
+    config = _grid_config(tmp_path, image_folder, vitkd_cache_dir, tiny_pair.teacher, model="cifar-student-deit",
+                          kd="deit-hard")
+    metrics = train(config, progress=False)
+    assert torch.isfinite(torch.tensor(metrics["train_loss"])) and metrics["train_att"] > 0 and "train_kd" in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compiled_teacher_capture_with_resampling_matches_eager() -> None:
+    """What ``--compile`` runs: the teacher forward, the head groups and the resampling in one compiled graph."""
+    import functools
+    import warnings
+
+    from vitkd.attention import token_layout
+    from vitkd.compiling import CompiledOrEager
+    from vitkd.headmap import parse_head_map
+    from vitkd.resample import token_resample_matrix
+    from vitkd.train import _teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = build_model("cifar-teacher", 4, depth=2, embed_dim=32).eval().requires_grad_(False)
+    student = build_model("cifar-student", 4, depth=2, patch_size=8)
+    head_map = parse_head_map("block:1->1;0->0", 2, 8, 2, 4)
+    layouts = (token_layout(teacher), token_layout(student))
+    images = torch.randn(8, 3, 32, 32)
+    for kind in ("kl", "mse"):
+        capture = functools.partial(_teacher_outputs, teacher, lambda x: x, head_map, kind, layouts,
+                                    token_resample_matrix(*layouts))
+        compiled = CompiledOrEager(capture, "the teacher forward")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # a compile failure would warn and fall back
+            fast, eager = compiled(images), capture(images)
+        assert compiled.compiled_ran and not compiled.eager_only
+        assert fast[1].shape == (8, 8, 17, 17)
+        torch.testing.assert_close(fast[1], eager[1], rtol=1e-5, atol=1e-5)

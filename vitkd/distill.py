@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from .errors import ConfigError, IncompatibleModelsError
 from .headmap import HeadPair
 
-__all__ = ["per_sample_attention_loss", "attention_loss", "gather_heads", "distillation_loss", "logit_kd",
-           "logit_distillation_loss", "deit_hard_loss", "drop_distillation_token", "LOSS_KINDS",
+__all__ = ["per_sample_attention_loss", "attention_loss", "gather_heads", "merge_head_group", "distillation_loss",
+           "logit_kd", "logit_distillation_loss", "deit_hard_loss", "drop_distillation_token", "LOSS_KINDS",
            "GATES", "WEIGHTINGS"]
 
 LossKind = Literal["mse", "ce", "kl"]
@@ -22,27 +22,79 @@ GATES: tuple[str, ...] = ("none", "teacher-correct", "student-correct")
 WEIGHTINGS: tuple[str, ...] = ("none", "student-confidence", "student-doubt")
 
 
-def gather_heads(attn_logits: dict[int, torch.Tensor], pairs: Sequence[HeadPair], side: str) -> torch.Tensor:
-    """Stack the mapped heads of one side (``teacher`` or ``student``) into [B, P, T, T], in pair order."""
-    if side not in ("teacher", "student"):
-        raise ValueError(side)
-    # One index_select per run of consecutive pairs from the same block: in the backward pass
+def _stack_heads(attn_logits: dict[int, torch.Tensor], heads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The maps of ``(block, head)`` stacked into [B, len(heads), T, T], in order."""
+    # One index_select per run of consecutive heads from the same block: in the backward pass
     # this scatters into each block's gradient once instead of once per head.
     runs: list[tuple[int, list[int]]] = []
-    for p in pairs:
-        block, head = getattr(p, f"{side}_block"), getattr(p, f"{side}_head")
+    for block, head in heads:
         if runs and runs[-1][0] == block:
             runs[-1][1].append(head)
         else:
             runs.append((block, [head]))
     parts = []
-    for block, heads in runs:
+    for block, block_heads in runs:
         scores = attn_logits[block]
-        if heads == list(range(scores.shape[1])):
+        if block_heads == list(range(scores.shape[1])):
             parts.append(scores)
         else:
-            parts.append(scores.index_select(1, torch.tensor(heads, device=scores.device)))
+            parts.append(scores.index_select(1, torch.tensor(block_heads, device=scores.device)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _groups_by_student_head(pairs: Sequence[HeadPair]) -> list[list[HeadPair]]:
+    groups: dict[tuple[int, int], list[HeadPair]] = {}
+    for p in pairs:
+        groups.setdefault((p.student_block, p.student_head), []).append(p)
+    return list(groups.values())
+
+
+def merge_head_group(maps: torch.Tensor, kind: str, dim: int = 1) -> torch.Tensor:
+    """One target from a group of teacher maps (logits) along ``dim``: their mean attention.
+
+    - ``ce``/``kl``: the mean of the group's probabilities, returned as its log
+      (``log mean_h softmax(l_h)``, computed as a logsumexp): the losses' softmax gives back
+      exactly that mean distribution;
+    - ``mse``: the mean of the group's logits (the loss compares logits; the mean logit is the
+      group's average query-key score).
+
+    Computed in float32 (float64 stays); ``-inf`` (masked) keys stay ``-inf`` only where every
+    head of the group masks them (``ce``/``kl``) or any does (``mse``).
+    """
+    if kind not in LOSS_KINDS:
+        raise ConfigError(f"a group of teacher heads needs the attention loss to merge them: use one of "
+                          f"{', '.join(LOSS_KINDS)}, got {kind!r}")
+    x = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    if kind == "mse":
+        return x.mean(dim)
+    return torch.logsumexp(F.log_softmax(x, dim=-1), dim=dim) - math.log(x.shape[dim])
+
+
+def gather_heads(attn_logits: dict[int, torch.Tensor], pairs: Sequence[HeadPair], side: str,
+                 kind: str | None = None) -> torch.Tensor:
+    """The maps of the mapped heads of one side (``teacher`` or ``student``) as [B, P, T, T], one per student head.
+
+    ``P`` is the number of mapped student heads, in the order they first appear in ``pairs``.
+    The student side stacks each mapped student head once. The teacher side stacks, per
+    student head, its one teacher head's logits, or for a group of teacher heads (several
+    pairs with the same student head) the group's merged target (``merge_head_group`` with
+    ``kind``, the attention loss, which a group needs). With one pair per student head both
+    sides are the plain stack of the pairs' heads, in pair order.
+    """
+    if side not in ("teacher", "student"):
+        raise ValueError(side)
+    groups = _groups_by_student_head(pairs)
+    if side == "student":
+        return _stack_heads(attn_logits, [(g[0].student_block, g[0].student_head) for g in groups])
+    maps = _stack_heads(attn_logits, [(p.teacher_block, p.teacher_head) for g in groups for p in g])
+    sizes = [len(g) for g in groups]
+    if max(sizes) == 1:
+        return maps
+    if kind is None:
+        raise ConfigError("a head map with groups of teacher heads needs the attention loss (kind) to merge them")
+    if len(set(sizes)) == 1:  # equal groups: one reduction over [B, P, g, T, T]
+        return merge_head_group(maps.unflatten(1, (len(groups), sizes[0])), kind, dim=2)
+    return torch.stack([merge_head_group(part, kind) for part in maps.split(sizes, dim=1)], dim=1)
 
 
 def drop_distillation_token(attn_logits: torch.Tensor) -> torch.Tensor:

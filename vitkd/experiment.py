@@ -25,7 +25,11 @@ __all__ = ["load_experiment", "run_experiment", "results_table"]
 
 
 def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, TrainConfig, dict[str, Any]]]]:
-    """Parse the YAML into ``(header, [(run name, TrainConfig, extra)])``; ``teacher: NAME`` refers to a run."""
+    """Parse the YAML into ``(header, [(run name, TrainConfig, extra)])``.
+
+    ``teacher: NAME`` refers to an earlier run of the study; ``teacher: PATH.safetensors`` is a
+    checkpoint file (relative to the working directory, like ``out_dir``), e.g. another study's run.
+    """
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text())
@@ -44,9 +48,10 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, T
         fields = dict(defaults, **raw)
         fields.setdefault("data", spec.get("data"))
         teacher = fields.get("teacher")
-        if teacher is not None:
+        if teacher is not None and not str(teacher).endswith(".safetensors"):  # a path is used as given
             if teacher not in names:
-                raise ConfigError(f"{path}: run {name!r} names teacher {teacher!r}, which is not an earlier run")
+                raise ConfigError(f"{path}: run {name!r} names teacher {teacher!r}, which is not an earlier run "
+                                  "(or give a checkpoint path ending in .safetensors)")
             fields["teacher"] = str(RunDir(out_dir / teacher).last)
         fields["out_dir"] = str(out_dir / name)
         runs.append((name, TrainConfig.from_dict(fields), extra))

@@ -44,6 +44,7 @@ from .distill import (
 from .errors import CheckpointError, ConfigError, IncompatibleModelsError, VitkdError
 from .headmap import HeadMap, parse_head_map
 from .models import ModelConfig, build_model, count_parameters, default_img_size, has_distillation_token
+from .resample import check_resamplable, resample_attention, token_resample_matrix
 from .rundir import RunDir
 
 __all__ = ["TrainConfig", "TrainingStopped", "train", "evaluate", "lr_at_step", "resolve_device"]
@@ -256,7 +257,8 @@ class _Run:
     base_meta: dict[str, Any]
     teacher: torch.nn.Module | None = None
     head_map: HeadMap | None = None
-    teacher_capture: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
+    # images -> (teacher class logits, teacher targets [B, P, T_s, T_s] on the student's tokens, or None)
+    teacher_capture: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     per_sample_fn: Callable[..., torch.Tensor] | None = None
 
     @property
@@ -318,13 +320,35 @@ def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
         raise
     except Exception as exc:
         raise CheckpointError(f"{config.teacher}: cannot rebuild the teacher from its metadata ({exc})") from exc
-    t_layout, s_layout = token_layout(teacher), _compared_layout(token_layout(student), teacher, student)
-    if t_layout != s_layout:
-        raise IncompatibleModelsError(f"teacher tokens {t_layout} and student tokens {s_layout} differ: distillation "
-                                      "needs the same patch grid and prefix tokens")
-    if config.head_map is not None:
+    token_layout(teacher), token_layout(student)  # both must be ViTs vitkd can capture
+    _check_teacher_input(teacher, student)
+    if config.head_map is not None:  # the attention term compares maps: their tokens must line up
         _resolve_head_map(config, teacher, student)
     return teacher_meta
+
+
+def _check_teacher_input(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """The teacher reads the student's images: refuse a fixed input size it cannot take."""
+    t_embed, s_embed = teacher.patch_embed, student.patch_embed
+    t_size, s_size = getattr(t_embed, "img_size", None), getattr(s_embed, "img_size", None)
+    if getattr(t_embed, "dynamic_img_size", False) or t_size is None or s_size is None:
+        return
+    if tuple(t_size) != tuple(s_size):
+        raise IncompatibleModelsError(f"the teacher reads {t_size[0]}x{t_size[1]} images and the student "
+                                      f"{s_size[0]}x{s_size[1]}: distil at the teacher's input size (--img-size)")
+
+
+def _check_layouts(t_layout: TokenLayout, s_layout: TokenLayout) -> None:
+    """Maps line up when the token layouts match, or after resampling the teacher's patch grid onto the student's."""
+    if t_layout == s_layout:
+        return
+    try:
+        check_resamplable(t_layout, s_layout)
+    except IncompatibleModelsError as exc:
+        raise IncompatibleModelsError(
+            f"teacher tokens ({t_layout.num_prefix_tokens} prefix + {t_layout.grid_size[0]}x{t_layout.grid_size[1]} "
+            f"grid) and student tokens ({s_layout.num_prefix_tokens} prefix + "
+            f"{s_layout.grid_size[0]}x{s_layout.grid_size[1]} grid) cannot be compared: {exc}") from exc
 
 
 def _drops_distillation_token(teacher: torch.nn.Module, student: torch.nn.Module) -> bool:
@@ -395,10 +419,14 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
         teacher.requires_grad_(False).eval()
         if config.kd == "deit-hard":  # the student's forward returns (class head, distillation head) in training
             student.set_distilled_training(True)
+        layouts, resample_matrix = None, None
         if config.head_map is not None:  # None: logit distillation alone, no attention term
             head_map = _resolve_head_map(config, teacher, student)
-        capture = functools.partial(_teacher_outputs, teacher, tuple(head_map.teacher_blocks if head_map else ()),
-                                    _teacher_inputs(train_data, teacher_meta or {}))
+            layouts = (token_layout(teacher), _compared_layout(token_layout(student), teacher, student))
+            if layouts[0] != layouts[1]:  # different patch grids: teacher maps resampled onto the student's
+                resample_matrix = token_resample_matrix(*layouts).to(device)
+        capture = functools.partial(_teacher_outputs, teacher, _teacher_inputs(train_data, teacher_meta or {}),
+                                    head_map, config.loss, layouts, resample_matrix)
         teacher_capture = capture
         if config.compile:  # the teacher's no-grad forward and the attention loss; the student stays eager
             teacher_capture = CompiledOrEager(capture, "the teacher forward")
@@ -433,18 +461,33 @@ def _preview(names: tuple[str, ...] | list[str]) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
-def _teacher_outputs(teacher: torch.nn.Module, blocks: tuple[int, ...], inputs: Callable[[torch.Tensor], torch.Tensor],
-                     images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    out = capture_attention(teacher, inputs(images), blocks)
-    return out.class_logits, out.attn_logits
+def _teacher_outputs(teacher: torch.nn.Module, inputs: Callable[[torch.Tensor], torch.Tensor],
+                     head_map: HeadMap | None, kind: str, layouts: tuple[TokenLayout, TokenLayout] | None,
+                     resample_matrix: torch.Tensor | None,
+                     images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's class logits and its targets for the mapped student heads, on the student's tokens.
+
+    Targets: the mapped heads gathered (a group of teacher heads merged, ``gather_heads``), then,
+    when the patch grids differ, resampled onto the student's grid (``resample_attention``).
+    """
+    out = capture_attention(teacher, inputs(images), tuple(head_map.teacher_blocks) if head_map else ())
+    if head_map is None:
+        return out.class_logits, None
+    targets = gather_heads(out.attn_logits, head_map.pairs, "teacher", kind)
+    if resample_matrix is not None:
+        assert layouts is not None
+        targets = resample_attention(targets, *layouts, kind, matrix=resample_matrix)
+    return out.class_logits, targets
 
 
 def _resolve_head_map(config: TrainConfig, teacher: torch.nn.Module, student: torch.nn.Module) -> HeadMap:
+    """Parse the map against both models and check their maps can be compared (same tokens, or resampled)."""
     t_layout, s_layout = token_layout(teacher), _compared_layout(token_layout(student), teacher, student)
+    _check_layouts(t_layout, s_layout)
     t_depth, s_depth = len(teacher.blocks), len(student.blocks)
     t_heads, s_heads = teacher.blocks[0].attn.num_heads, student.blocks[0].attn.num_heads
     head_map = parse_head_map(config.head_map or "encoder", t_depth, t_heads, s_depth, s_heads)
-    return head_map.validate(t_depth, t_heads, s_depth, s_heads, t_layout.num_tokens, s_layout.num_tokens)
+    return head_map.validate(t_depth, t_heads, s_depth, s_heads)
 
 
 # ---------------------------------------------------------------------------------------- restore
@@ -458,6 +501,17 @@ def _restore(run: _Run, resume: bool) -> _Position:
     state = run.run_dir.load_state()
     assert state is not None
     changed = run.config.resume_mismatch(state["config"])
+    recorded = (state.get("meta") or {}).get("head_map")
+    if recorded is not None and run.head_map is not None:
+        # The run's head pairs are what counts: a map spelled differently but with the same pairs
+        # resumes, and a spelling whose meaning changed (e.g. a default) is refused.
+        same_pairs = set(HeadMap.from_list(recorded).pairs) == set(run.head_map.pairs)
+        if same_pairs and "head_map" in changed:
+            changed.remove("head_map")
+        elif not same_pairs:
+            raise ConfigError(f"--resume: the map {run.config.head_map!r} now means {run.head_map.describe()}, but "
+                              f"the run in {run.run_dir.path} trained {HeadMap.from_list(recorded).describe()}: "
+                              "spell the heads out (e.g. block:T->S[h,...])")
     if changed:
         raise ConfigError(f"--resume with a different config than the run in {run.run_dir.path} (changed: {changed})")
     run.student.load_state_dict({k: v.to(run.device) for k, v in state["model"].items()})
@@ -498,8 +552,8 @@ def _step_terms(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> dict[s
         ce = F.cross_entropy(class_logits.float(), labels, label_smoothing=config.label_smoothing)
         return {"loss": ce, "ce": ce.detach()}
     assert run.teacher_capture is not None
-    with torch.no_grad():
-        t_class_logits, t_attn = run.teacher_capture(images)
+    with torch.no_grad():  # the teacher's targets are fixed: gathered, merged and resampled without gradient
+        t_class_logits, t_maps = run.teacher_capture(images)
     if run.head_map is None and dist_logits is not None:
         return deit_hard_loss(class_logits, dist_logits, labels, t_class_logits, config.label_smoothing)
     if run.head_map is None:
@@ -508,8 +562,9 @@ def _step_terms(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> dict[s
     student_maps = gather_heads(student_attn, run.head_map.pairs, "student")
     if _drops_distillation_token(run.teacher, run.student):
         student_maps = drop_distillation_token(student_maps)
+    assert t_maps is not None
     return distillation_loss(
-        class_logits, labels, student_maps, gather_heads(t_attn, run.head_map.pairs, "teacher"), config.loss,
+        class_logits, labels, student_maps, t_maps, config.loss,
         config.alpha, teacher_class_logits=t_class_logits, gate=config.gate, label_smoothing=config.label_smoothing,
         kd_weight=config.kd_weight, kd_temperature=config.kd_temperature, per_sample_fn=run.per_sample_fn,
         weighting=config.weighting, student_dist_logits=dist_logits)
