@@ -31,6 +31,8 @@ COPY vitkd/ ./vitkd/
 COPY app/ ./app/
 COPY .streamlit/ ./.streamlit/
 COPY checkpoints/ ./checkpoints/
+# Labelled samples the Misclassifications page scans out of the box (scripts/make_samples.py).
+COPY samples/ ./samples/
 
 # Numeric, so that a runtime's runAsNonRoot check can verify it.
 USER 1000:1000
@@ -41,4 +43,6 @@ EXPOSE 8501
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8501/_stcore/health', timeout=4)"]
 
+# Every interface, so a published port reaches it; browser training stays off (VITKD_ENABLE_TRAINING=0 above):
+# it starts processes on the server, which only a local server (`make run`) allows by default.
 ENTRYPOINT ["streamlit", "run", "app/streamlit_app.py", "--server.port=8501", "--server.address=0.0.0.0"]

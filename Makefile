@@ -5,6 +5,9 @@ PYTHON_BOOTSTRAP ?= $(shell command -v python3.11 2>/dev/null || command -v pyth
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
+# `make run` serves this machine only; `make run ADDRESS=0.0.0.0` opens it to the network (browser training
+# then stays off unless VITKD_ENABLE_TRAINING=1: a run starts processes on the server).
+ADDRESS ?= 127.0.0.1
 IMAGE ?= vitkd:latest
 PYTEST_ARGS ?=
 
@@ -12,7 +15,8 @@ PYTEST_ARGS ?=
 .PHONY: help run test lint bench docker-build docker-run clean-venv
 
 help:
-	@echo "make run           start the Streamlit app on http://localhost:$(PORT)"
+	@echo "make run           start the Streamlit app on http://localhost:$(PORT) (this machine only;"
+	@echo "                   ADDRESS=0.0.0.0 serves the network, without browser training)"
 	@echo "make test          run the whole test suite (PYTEST_ARGS='-k name' to narrow)"
 	@echo "make lint          ruff on the code, hadolint on the Dockerfile"
 	@echo "make bench         run the benchmarks in bench/"
@@ -34,9 +38,9 @@ $(VENV)/.requirements-dev.stamp: requirements.txt requirements-dev.txt | $(PY)
 	@touch $@
 
 run: $(VENV)/.requirements.stamp
-	@echo "vitkd app: http://localhost:$(PORT)"
-	$(PY) -m streamlit run app/streamlit_app.py --server.port=$(PORT) --server.headless=true \
-		--browser.gatherUsageStats=false
+	@echo "vitkd app: http://$(ADDRESS):$(PORT)"
+	$(PY) -m streamlit run app/streamlit_app.py --server.port=$(PORT) --server.address=$(ADDRESS) \
+		--server.headless=true --browser.gatherUsageStats=false
 
 test: $(VENV)/.requirements-dev.stamp
 	$(PY) -m pytest -q $(PYTEST_ARGS)

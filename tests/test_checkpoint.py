@@ -152,3 +152,153 @@ def test_training_state_epoch_from_the_header_alone(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="cannot read training state"):
         read_training_state_epoch(tmp_path / "bad.safetensors")
+
+
+# ------------------------------------------------------------------------------------ hostile metadata
+
+def _forge(path: Path, model: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """A safetensors file whose vitkd metadata records ``model`` (whatever the tensors are)."""
+    meta = dict(META, format_version=FORMAT_VERSION, model=model)
+    save_file(tensors if tensors is not None else {"w": torch.zeros(4)}, str(path),
+              metadata={"vitkd": json.dumps(meta)})
+    return path
+
+
+def test_loader_arguments_in_overrides_are_refused_and_never_opened(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import os
+
+    import timm
+
+    trap = tmp_path / "trap.pth"
+    torch.save({"state_dict": {}}, trap)  # a real torch file: timm would torch.load it if asked to
+    opened: list[str] = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_os_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail(f"torch.load called with {a} {k}"))
+    monkeypatch.setattr(timm.models, "load_checkpoint",
+                        lambda *a, **k: pytest.fail("timm's load_checkpoint called"), raising=False)
+    # A genuine checkpoint (weights match its architecture) whose metadata also names a loader argument.
+    model = build_model("vit_tiny_patch16_224", 3, depth=1, embed_dim=8, num_heads=1, img_size=16, patch_size=8)
+    genuine = save_checkpoint(model, META, tmp_path / "genuine.safetensors")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    loader_arguments = (("checkpoint_path", str(trap)), ("pretrained", True), ("cache_dir", str(tmp_path)),
+                        ("pretrained_cfg_overlay", {"file": str(trap)}), ("features_only", True),
+                        ("block_fn", "os.system"))
+    for key, value in loader_arguments:
+        record = read_checkpoint_meta(genuine)["model"]
+        overrides = dict(record["overrides"], **{key: value})
+        path = _forge(tmp_path / f"{key}.safetensors", dict(record, overrides=overrides), tensors)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        message = str(info.value)
+        assert f"['{key}']" in message and "not architecture arguments" in message and "\n" not in message
+    assert str(trap) not in opened
+
+
+def test_model_names_outside_presets_and_the_timm_registry_are_refused(tmp_path: Path) -> None:
+    for name in ("hf-hub:someone/vit", "local-dir:/tmp/model", "../vit_tiny_patch16_224", "no_such_model"):
+        path = _forge(tmp_path / "named.safetensors", {"name": name, "num_classes": 3, "img_size": None,
+                                                        "overrides": {}})
+        with pytest.raises(CheckpointError, match="neither a vitkd preset nor a timm model name"):
+            load_checkpoint(path)
+
+
+def test_a_tiny_file_claiming_a_huge_model_is_refused_before_allocating(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    # depth 10,000 x embed 8,192: about 8e12 parameters (32 TB) claimed by a 1 KB file.
+    path = _forge(tmp_path / "huge.safetensors", {"name": "cifar-student", "num_classes": 10, "img_size": None,
+                                                   "overrides": {"depth": 10_000, "embed_dim": 8192}})
+    assert path.stat().st_size < 1024
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointError, match="depth 10000.*0 blocks") as info:
+            load_checkpoint(path)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < 5e6, (elapsed, peak)
+    assert "\n" not in str(info.value) and "do not match the recorded architecture" in str(info.value)
+
+
+def test_a_plausible_depth_with_an_absurd_width_is_refused_on_the_meta_device(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    # Two blocks, as the file holds, but 8,192 wide: 1.6e9 parameters (6.4 GB) the file does not hold.
+    tensors = {f"blocks.{i}.attn.qkv.weight": torch.zeros(3, 2) for i in range(2)}
+    path = _forge(tmp_path / "wide.safetensors", {"name": "cifar-student", "num_classes": 10, "img_size": None,
+                                                   "overrides": {"depth": 2, "embed_dim": 8192}}, tensors)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointError, match=r"describes [\d,]+ parameters but the file is only [\d,]+ bytes"):
+            load_checkpoint(path)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < 20e6, (elapsed, peak)
+
+
+def test_header_keys_and_shapes_are_compared_before_the_model_is_allocated(saved, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitkd.checkpoint
+
+    model, good = saved
+    built_on: list[str] = []
+    real_build = vitkd.checkpoint.build_model
+
+    def spy_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        built_on.append(next(built.parameters()).device.type)
+        return built
+
+    monkeypatch.setattr(vitkd.checkpoint, "build_model", spy_build)
+    meta = read_checkpoint_meta(good)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "head.weight"}, "missing head.weight"),
+        "unexpected": (dict(state, extra=torch.zeros(2)), "unexpected extra"),
+        "shape": (dict(state, **{"head.weight": torch.zeros(4, 64)}), r"head.weight is \[4, 64\] in the file, "
+                                                                       r"\[3, 64\] in the model"),
+    }
+    for name, (tensors, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"vitkd": json.dumps(meta)})
+        built_on.clear()
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+        assert built_on == ["meta"], (name, built_on)  # refused before a real model existed
+    built_on.clear()
+    load_checkpoint(good)
+    assert built_on == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("name, overrides", [("cifar-student-deit", {"depth": 2}), ("cifar-student-sl", {"depth": 1}),
+                                             ("vit_tiny_patch16_224", {"depth": 1, "embed_dim": 16, "num_heads": 2,
+                                                                       "img_size": 32, "reg_tokens": 1})])
+def test_every_kind_of_model_passes_the_header_check(name: str, overrides: dict, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 3, **overrides).eval()
+    path = save_checkpoint(model, META, tmp_path / "model.safetensors")
+    loaded, _ = load_checkpoint(path)
+    assert type(loaded) is type(model) and model_config(loaded) == model_config(model)
+    images = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -133,3 +134,108 @@ def test_more_user_errors_in_process(argv: list[str], match: str, cli_runs: dict
     assert main([arg.format(**values) for arg in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+
+
+# ----------------------------------------------------------------------------------------------------------- scan
+
+def _plain_forward_counts(teacher_ckpt: Path, student_ckpt: Path, test_dir: Path) -> tuple[dict[str, int], int]:
+    """Group counts computed here: PIL decode, each model's own mean/std by hand, timm's fused forward, argmax."""
+    preds = {}
+    for role, checkpoint in (("teacher", teacher_ckpt), ("student", student_ckpt)):
+        model, meta = load_checkpoint(checkpoint)
+        mean, std = np.asarray(meta["mean"]).reshape(1, 1, 3), np.asarray(meta["std"]).reshape(1, 1, 3)
+        for label, cls in enumerate(meta["class_names"]):
+            for file in sorted((test_dir / cls).iterdir()):
+                pixels = np.asarray(Image.open(file).convert("RGB"), dtype=np.float64) / 255.0
+                x = torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1)).float()[None]
+                with torch.no_grad():
+                    preds[role, str(file)] = (int(model(x).argmax(-1).item()), label)
+    counts = {"teacher_right_student_wrong": 0, "student_right_teacher_wrong": 0, "both_wrong": 0, "both_right": 0}
+    files = sorted({file for _, file in preds})
+    for file in files:
+        (t_pred, label), (s_pred, _) = preds["teacher", file], preds["student", file]
+        group = {(True, False): "teacher_right_student_wrong", (False, True): "student_right_teacher_wrong",
+                 (False, False): "both_wrong", (True, True): "both_right"}[(t_pred == label, s_pred == label)]
+        counts[group] += 1
+    return counts, len(files)
+
+
+def test_scan_json_and_csv_match_per_image_scan_and_plain_forwards(tiny_pair, image_folder: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from vitkd.scan import scan_split
+
+    csv_path = tmp_path / "out" / "scan.csv"
+    argv = ["scan", "--teacher", str(tiny_pair.teacher), "--student", str(tiny_pair.student), "--data",
+            f"imagefolder:{image_folder}", "--csv", str(csv_path), "--json", "--device", "cpu", "--batch-size", "16"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip())
+    counts, n = _plain_forward_counts(tiny_pair.teacher, tiny_pair.student, image_folder / "test")
+    assert report["n"] == n == 40 and report["counts"] == counts and report["skipped"] == 0
+    assert report["csv"] == str(csv_path) and report["split"] == "test"
+    expected_t = 100.0 * (counts["both_right"] + counts["teacher_right_student_wrong"]) / n
+    assert report["teacher_accuracy"] == pytest.approx(expected_t)
+
+    # The per-image path (PIL file by file) on the same folder gives the same rows.
+    teacher, teacher_meta = load_checkpoint(tiny_pair.teacher)
+    student, student_meta = load_checkpoint(tiny_pair.student)
+    reference = scan_split(teacher, teacher_meta, student, student_meta, image_folder / "test")
+    assert reference.counts == report["counts"]
+    assert report["mean_divergence"] == pytest.approx(sum(r.divergence for r in reference.rows) / n, rel=1e-4)
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "label", "label_name", "teacher_pred", "teacher_pred_name", "teacher_conf",
+                             "student_pred", "student_pred_name", "student_conf", "group", "divergence"]
+    assert len(rows) == 40
+    for row, ref in zip(rows, reference.rows, strict=True):
+        assert (row["path"], int(row["label"]), row["label_name"], int(row["teacher_pred"]),
+                int(row["student_pred"]), row["group"]) == (ref.path, ref.label, ref.label_name, ref.teacher_pred,
+                                                            ref.student_pred, ref.group)
+        assert float(row["teacher_conf"]) == pytest.approx(ref.teacher_conf, abs=1e-5)
+        assert float(row["student_conf"]) == pytest.approx(ref.student_conf, abs=1e-5)
+        assert float(row["divergence"]) == pytest.approx(ref.divergence, rel=1e-4, abs=1e-8)
+    assert len({row["divergence"] for row in rows}) > 1
+
+
+def test_scan_text_output_in_a_subprocess(tiny_pair, image_folder: Path) -> None:
+    result = run_cli("scan", "--teacher", str(tiny_pair.teacher), "--student", str(tiny_pair.student), "--data",
+                     f"imagefolder:{image_folder}", "--limit", "8", "--device", "cpu", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"8 test images of imagefolder:{image_folder}: teacher ")
+    counts = {line.split(":")[0].strip(): int(line.rsplit(":", 1)[1]) for line in lines[1:]}
+    assert list(counts) == ["Teacher right, student wrong", "Student right, teacher wrong", "Both wrong", "Both right"]
+    assert sum(counts.values()) == 8
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--teacher", "{missing}"], "no such checkpoint"),
+    (["--data", "imagefolder:{missing}"], "does not exist"),
+    (["--data", "imagefolder:{other}"], "the models predict 4 classes (blue, gray, green, red) but"),
+    (["--student", "{coarse}"], "the student a 4x4 patch grid"),
+    (["--limit", "0"], "limit must be positive"),
+    (["--csv", "{not_a_dir}/scan.csv"], "cannot write the scan's CSV to"),
+])
+def test_scan_user_errors_are_one_line(argv: list[str], match: str, tiny_pair, image_folder: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from vitkd.checkpoint import save_checkpoint
+    from vitkd.models import build_model
+
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        (other / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(other / split / "cat" / "0.png")
+    _, meta = load_checkpoint(tiny_pair.student)
+    coarse = build_model("cifar-student", 4, patch_size=8, depth=1)  # 32 px, 8 px patches: a 4x4 grid
+    coarse_meta = {k: meta[k] for k in ("class_names", "mean", "std", "img_size")}
+    save_checkpoint(coarse, coarse_meta, tmp_path / "c.safetensors")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    values = dict(missing=tmp_path / "missing", other=other, coarse=tmp_path / "c.safetensors", not_a_dir=not_a_dir)
+    options = {"--teacher": str(tiny_pair.teacher), "--student": str(tiny_pair.student),
+               "--data": f"imagefolder:{image_folder}", "--device": "cpu"}
+    extra = [arg.format(**values) for arg in argv]
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        options[flag] = value
+    assert main(["scan", *(x for item in options.items() for x in item)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err

@@ -1,11 +1,15 @@
 """The Docker image, checked without a Docker engine.
 
-hadolint lints the Dockerfile; its instructions are parsed here, and the exact command the
-image starts (with the image's ENV) is run outside Docker until Streamlit's health endpoint
-answers, then a headless Chromium opens a session and must see the app's title drawn by the
-script (health alone also answers for a script that raises at import: a copy of the app that
-does so is the check's negative control). What the build context holds is worked out from
-.dockerignore with Docker's rule (the last pattern matching a path or one of its parents decides).
+hadolint lints the Dockerfile; its instructions are parsed here, and the image's exact command
+(ENTRYPOINT + CMD, the image's ENV, a fresh empty HOME) runs outside Docker from a read-only folder
+that holds only what the Dockerfile COPYs (copied path by path, minus what .dockerignore drops), until
+Streamlit's health endpoint answers. Then headless Chromium opens a session as a visitor would: it
+uploads an image and must see both models' predictions (computed here independently), and the
+Misclassifications page must list the bundled samples. Two negative controls: an image tree built
+from the Dockerfile without ``COPY samples/`` (a file the app needs and the image lacks) and an
+entrypoint that raises at import (health still answers) must both fail the session check. What the
+build context holds is worked out from .dockerignore with Docker's rule (the last pattern matching a
+path or one of its parents decides).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 APP_TITLE = "Explore attention"  # the default page's st.title
+UPLOAD = ROOT / "app" / "examples" / "cat_0001.jpg"
 
 # The browser driver tests/test_browser.py uses (system Chromium through Playwright).
 _spec = importlib.util.spec_from_file_location("vitkd_screenshot", ROOT / "scripts" / "screenshot.py")
@@ -223,7 +228,7 @@ def test_build_context_holds_only_what_the_image_copies(instructions: list[tuple
         if keyword == "COPY":
             *sources, _dest = [a for a in shlex.split(args) if not a.startswith("--")]
             copied += [s.rstrip("/") for s in sources]
-    assert set(copied) == {"requirements.txt", "vitkd", "app", ".streamlit", "checkpoints"}
+    assert set(copied) == {"requirements.txt", "vitkd", "app", ".streamlit", "checkpoints", "samples"}
     for source in copied:
         path = ROOT / source
         assert path.exists(), f"COPY {source}: missing from the repository, so `docker build` fails"
@@ -245,10 +250,65 @@ def browser() -> Iterator[Any]:
         yield instance
 
 
+def copied_paths(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(source, destination)`` of every COPY, destinations relative to the WORKDIR."""
+    workdir = next(args for keyword, args in reversed(instructions) if keyword == "WORKDIR")
+    pairs = []
+    for keyword, args in instructions:
+        if keyword == "COPY":
+            *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
+            dest = dest[len(workdir):] if dest.startswith(workdir) else dest
+            pairs += [(source.rstrip("/"), dest.lstrip("./").rstrip("/")) for source in sources]
+    return pairs
+
+
+def image_tree(instructions: list[tuple[str, str]], dest: Path) -> Path:
+    """What the image's WORKDIR holds: each COPY source (minus what .dockerignore drops) at its destination,
+    and the writable ``runs/`` its RUN creates. Left writable: ``make_read_only`` seals it."""
+    patterns = dockerignore_patterns()
+    for source, target in copied_paths(instructions):
+        path = ROOT / source
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            rel = file.relative_to(ROOT).as_posix()
+            if excluded_by_dockerignore(rel, patterns):
+                continue
+            inside = file.name if path.is_file() else file.relative_to(path).as_posix()
+            out = dest / target / inside
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, out)
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert "mkdir -p /app/runs" in runs, "the image's writable runs/ folder moved: update image_tree"
+    (dest / "runs").mkdir()
+    return dest
+
+
+def make_read_only(tree: Path, keep_writable: tuple[str, ...] = ("runs",)) -> None:
+    for path in sorted(tree.rglob("*"), reverse=True):  # files before their folders
+        if any(path.relative_to(tree).parts[0] == keep for keep in keep_writable):
+            continue
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    tree.chmod(0o555)
+
+
+def tree_snapshot(tree: Path, skip: tuple[str, ...] = ("runs",)) -> dict[str, bytes]:
+    """Every file's bytes (outside ``skip``): as root, permissions do not stop writes, so compare before and
+    after instead."""
+    return {p.relative_to(tree).as_posix(): p.read_bytes() for p in sorted(tree.rglob("*"))
+            if p.is_file() and p.relative_to(tree).parts[0] not in skip}
+
+
+def make_writable(tree: Path) -> None:
+    """Undo ``make_read_only`` so pytest can delete the tree."""
+    tree.chmod(0o755)
+    for path in tree.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 @contextlib.contextmanager
-def image_command_server(instructions: list[tuple[str, str]], tmp_path: Path, app_root: Path = ROOT,
-                         extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run the image's start command (its ENV, a free port) from ``app_root`` until health answers; yield the URL.
+def image_command_server(instructions: list[tuple[str, str]], app_root: Path, home: Path) -> Iterator[str]:
+    """Run the image's start command from ``app_root`` with only the image's ENV (a free port, ``home`` as
+    HOME, this venv's ``streamlit`` on PATH) until health answers; yield the URL.
 
     The server's whole process group is stopped on the way out, whatever happened.
     """
@@ -256,18 +316,16 @@ def image_command_server(instructions: list[tuple[str, str]], tmp_path: Path, ap
     entry = app_root / command[2]
     assert entry.is_file(), f"{command[2]} (the image's entrypoint script) is missing"
     port = free_port()
-    argv = [sys.executable, "-m", "streamlit"] + [
-        f"--server.port={port}" if arg.startswith("--server.port") else arg for arg in command[1:]]
-    empty_checkpoints = tmp_path / "checkpoints"
-    empty_checkpoints.mkdir(exist_ok=True)
-    env = dict(os.environ, **dockerfile_env(instructions), HOME=str(tmp_path), VITKD_CACHE=str(tmp_path / "cache"),
-               VITKD_CHECKPOINT_DIRS=str(empty_checkpoints), **(extra_env or {}))
-    log_path = tmp_path / "streamlit.log"
+    argv = [f"--server.port={port}" if arg.startswith("--server.port") else arg for arg in command]
+    home.mkdir(exist_ok=True)
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+           "HOME": str(home), "LANG": "C.UTF-8", **dockerfile_env(instructions)}
+    log_path = home.parent / f"streamlit-{port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(argv, cwd=app_root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         health = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -293,6 +351,55 @@ def image_command_server(instructions: list[tuple[str, str]], tmp_path: Path, ap
             proc.wait()
 
 
+def expected_predictions(app_root: Path, image: Path) -> dict[str, tuple[str, float]]:
+    """Top-1 (class, probability) per model of the pair the image shows first, computed with this checkout's
+    vitkd on the image's checkpoints (no server)."""
+    from app.common import default_pair, list_checkpoints, parse_server_config
+    from vitkd.analysis import analyze_pair
+    from vitkd.images import load_image
+    from vitkd.pairs import load_pair
+
+    config = parse_server_config([], {"VITKD_CHECKPOINT_DIRS": str(app_root / "checkpoints"),
+                                      "VITKD_RUNS_DIR": str(app_root / "runs")})
+    entries = [e for e in list_checkpoints(config) if e.error is None and Path(e.path).is_relative_to(app_root)]
+    teacher, student = default_pair(entries)
+    analysis = analyze_pair(load_pair(teacher.path, student.path), load_image(image))
+    return {role: (result.top_k[0].name, float(result.top_k[0].prob))
+            for role, result in (("Teacher", analysis.teacher), ("Student", analysis.student))}
+
+
+def check_session(browser: Any, url: str, expected: dict[str, tuple[str, float]]) -> None:
+    """A visitor's session: the title drawn, no exception, the bundled samples offered on the
+    Misclassifications page, an upload's two predictions. Raises AssertionError saying what is missing."""
+    titles, exceptions = open_session(browser, url)
+    assert exceptions == [], exceptions
+    assert APP_TITLE in titles, titles
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{url}/misclassified", wait_until="domcontentloaded", timeout=90_000)
+        page.get_by_role("button", name="Scan").wait_for(timeout=90_000)  # drawn after the split picker
+        driver.wait_idle(page, 90_000)
+        assert page.locator(driver.EXCEPTION).count() == 0
+        picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Images")
+        picker.click()  # open the list: every split the page offers
+        offered = page.get_by_role("option").all_inner_texts()
+        for sample in ("cifar10/test", "imagenette/val"):
+            assert any(o.startswith(sample) for o in offered), f"bundled sample {sample} not offered: {offered}"
+        assert "No data roots are configured" not in page.inner_text("body")
+
+        driver.open_app(page, url, timeout_ms=90_000)
+        driver.start_upload(page, UPLOAD)
+        driver.wait_for_image(page, UPLOAD.name)
+        assert page.locator(driver.EXCEPTION).count() == 0, page.locator(driver.EXCEPTION).first.inner_text()
+        shown = driver.prediction_titles(page)
+        assert set(shown) == {"Teacher", "Student"}, shown
+        for role, (name, prob) in expected.items():
+            shown_name, shown_prob = shown[role].rsplit(" (", 1)
+            assert shown_name == name and abs(float(shown_prob.rstrip("%)")) - 100 * prob) <= 0.11, (role, shown)
+    finally:
+        page.close()
+
+
 def open_session(browser: Any, url: str, timeout_ms: int = 90_000) -> tuple[list[str], list[str]]:
     """Open the app as a visitor and wait for the first script run to end: ``(h1 texts, exception box texts)``."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -311,30 +418,60 @@ def open_session(browser: Any, url: str, timeout_ms: int = 90_000) -> tuple[list
         page.close()
 
 
+@pytest.fixture
+def sealed_tree(tmp_path: Path) -> Iterator[Path]:
+    """A folder for an image tree; made writable again afterwards so pytest can remove it."""
+    tree = tmp_path / "image"
+    tree.mkdir()
+    try:
+        yield tree
+    finally:
+        make_writable(tree)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_image_command_serves_a_session_with_the_app_title(instructions: list[tuple[str, str]], tmp_path: Path,
-                                                          browser: Any) -> None:
-    with image_command_server(instructions, tmp_path) as url:
-        titles, exceptions = open_session(browser, url)
-    assert exceptions == [], exceptions
-    assert APP_TITLE in titles, titles
+@pytest.mark.timeout(400)
+def test_image_command_serves_uploads_and_samples_from_the_copied_files(instructions: list[tuple[str, str]],
+                                                                         tmp_path: Path, sealed_tree: Path,
+                                                                         browser: Any) -> None:
+    tree = image_tree(instructions, sealed_tree)
+    make_read_only(tree)
+    if os.geteuid() != 0:  # root writes anyway: the snapshot below catches it
+        assert not os.access(tree / "app" / "common.py", os.W_OK) and os.access(tree / "runs", os.W_OK)
+    before = tree_snapshot(tree)
+    expected = expected_predictions(tree, UPLOAD)
+    with image_command_server(instructions, tree, tmp_path / "home") as url:
+        check_session(browser, url, expected)
+    assert tree_snapshot(tree) == before, "the app wrote into the image's files"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_session_check_catches_a_file_the_image_lacks(instructions: list[tuple[str, str]], tmp_path: Path,
+                                                      sealed_tree: Path, browser: Any) -> None:
+    """Negative control: the Dockerfile without ``COPY samples/`` builds an image whose session check fails."""
+    without = [(k, a) for k, a in instructions if not (k == "COPY" and a.split()[0].rstrip("/") == "samples")]
+    assert len(without) == len(instructions) - 1
+    tree = image_tree(without, sealed_tree)
+    make_read_only(tree)
+    expected = expected_predictions(tree, UPLOAD)
+    with image_command_server(without, tree, tmp_path / "home") as url, \
+            pytest.raises(AssertionError, match="cifar10/test"):
+        check_session(browser, url, expected)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_session_check_catches_an_entrypoint_that_raises(instructions: list[tuple[str, str]], tmp_path: Path,
-                                                         browser: Any) -> None:
-    """Negative control: a copy of the app whose entrypoint raises at import still answers health, but no title."""
-    copy = tmp_path / "image"
-    entry = start_command(instructions)[2]
-    for folder in ("app", ".streamlit"):
-        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    script = copy / entry
+                                                         sealed_tree: Path, browser: Any) -> None:
+    """Negative control: an image whose entrypoint raises at import still answers health, but draws no title."""
+    tree = image_tree(instructions, sealed_tree)
+    script = tree / start_command(instructions)[2]
     head, future, rest = script.read_text().partition("from __future__ import annotations\n")
     assert future, "the entrypoint's first statement moved: put the raise after its __future__ import"
     script.write_text(head + future + 'raise RuntimeError("broken at import")\n' + rest)
-    with image_command_server(instructions, tmp_path, app_root=copy, extra_env={"PYTHONPATH": str(ROOT)}) as url:
+    make_read_only(tree)
+    with image_command_server(instructions, tree, tmp_path / "home") as url:
         titles, exceptions = open_session(browser, url)
     assert APP_TITLE not in titles
     assert any("broken at import" in text for text in exceptions), exceptions

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import vitkd.scan
 from vitkd.checkpoint import load_checkpoint, save_checkpoint
+from vitkd.data import load_split
 from vitkd.errors import ConfigError, IncompatibleModelsError
 from vitkd.models import build_model
-from vitkd.scan import GROUPS, list_labelled_images, scan_split
+from vitkd.scan import GROUPS, cached_split_of, list_labelled_images, scan_data, scan_folder, scan_split
 
 CLASS_NAMES = ("cat", "dog", "frog")
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
@@ -62,14 +64,15 @@ def pair(one_thread, tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("scan")
     teacher_path, student_path = make_pair(directory)
     folder = make_folder(directory / "test")
+    make_folder(directory / "train", per_class=2, seed=1)  # load_split reads train's mean/std for any split
     teacher, teacher_meta = load_checkpoint(teacher_path)
     student, student_meta = load_checkpoint(student_path)
     return teacher, teacher_meta, student, student_meta, folder
 
 
-def _reference_pixels(path: str) -> torch.Tensor:
+def _reference_pixels(path: str, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
-    pixels = (pixels - np.array(MEAN)) / np.array(STD)
+    pixels = (pixels - np.array(mean)) / np.array(std)
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
 
 
@@ -92,14 +95,15 @@ def _reference_probs_and_attention(model: torch.nn.Module, x: torch.Tensor) -> t
     return probs, captured
 
 
-def _numpy_rollout_cls(attn: list[np.ndarray]) -> np.ndarray:
+def _numpy_rollout_cls(attn: list[np.ndarray], num_prefix_tokens: int = 1) -> np.ndarray:
+    """Whole rollout by hand over every token, then its CLS row over the patch tokens, renormalised."""
     t = attn[0].shape[-1]
     result = np.eye(t)
     for block in attn:
         a = 0.5 * block[0].mean(axis=0) + 0.5 * np.eye(t)
         a = a / a.sum(axis=1, keepdims=True)
         result = a @ result
-    row = result[0, 1:]
+    row = result[0, num_prefix_tokens:]
     return row / row.sum()
 
 
@@ -190,3 +194,182 @@ def test_limit_spreads_over_classes(pair) -> None:
     limited = scan_split(teacher, teacher_meta, student, student_meta, folder, limit=6).rows
     assert [r.path for r in limited] == [all_rows[int(i * len(all_rows) / 6)].path for i in range(6)]
     assert {r.label for r in limited} == {r.label for r in all_rows}  # every class folder is represented
+
+
+# ------------------------------------------------------------------------------------- the cached path: scan_data
+
+def _source(folder: Path) -> str:
+    return f"imagefolder:{folder.parent}"
+
+
+def _assert_same_rows(fast, slow) -> None:
+    """Two scans of one folder: same files, labels, predictions and groups; confidences and divergences to 1e-5."""
+    assert [(r.path, r.label, r.teacher_pred, r.student_pred, r.group) for r in fast.rows] == \
+        [(r.path, r.label, r.teacher_pred, r.student_pred, r.group) for r in slow.rows]
+    for a, b in zip(fast.rows, slow.rows, strict=True):
+        assert a.teacher_conf == pytest.approx(b.teacher_conf, abs=1e-5)
+        assert a.student_conf == pytest.approx(b.student_conf, abs=1e-5)
+        assert a.divergence == pytest.approx(b.divergence, rel=1e-4, abs=1e-8)
+    assert fast.counts == slow.counts
+
+
+def test_scan_data_equals_scan_split_and_plain_forwards(pair) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    student_stats = (0.3, 0.6, 0.45), (0.2, 0.3, 0.25)  # each model is normalised with its own statistics
+    student_meta = dict(student_meta, mean=list(student_stats[0]), std=list(student_stats[1]))
+    seen = []
+    fast = scan_data(teacher, teacher_meta, student, student_meta, _source(folder), batch_size=8,
+                     progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(8, 21), (16, 21), (21, 21)]
+    assert len(fast.rows) == 21 and not fast.skipped
+    _assert_same_rows(fast, scan_split(teacher, teacher_meta, student, student_meta, folder))
+    # Counts from plain forwards (timm's fused path, PIL decode, normalised by hand), independent of both scans.
+    expected = dict.fromkeys(GROUPS, 0)
+    for label, name in enumerate(CLASS_NAMES):
+        for file in sorted((folder / name).iterdir()):
+            with torch.no_grad():
+                t_ok = int(teacher(_reference_pixels(str(file))).argmax()) == label
+                s_ok = int(student(_reference_pixels(str(file), *student_stats)).argmax()) == label
+            expected[{(True, False): "teacher_right_student_wrong", (False, True): "student_right_teacher_wrong",
+                      (False, False): "both_wrong", (True, True): "both_right"}[(t_ok, s_ok)]] += 1
+    assert fast.counts == expected
+    summary = fast.summary()
+    assert summary["n"] == 21 and summary["counts"] == expected and summary["skipped"] == 0
+    assert summary["teacher_accuracy"] == pytest.approx(
+        100 * (expected["both_right"] + expected["teacher_right_student_wrong"]) / 21)
+    assert summary["student_accuracy"] == pytest.approx(
+        100 * (expected["both_right"] + expected["student_right_teacher_wrong"]) / 21)
+    assert summary["teacher_accuracy"] != summary["student_accuracy"]  # a swap would show
+    assert summary["mean_divergence"] == pytest.approx(sum(r.divergence for r in fast.rows) / 21)
+    # An already loaded split scans the same, and so does a limit (same images as the per-image path).
+    loaded = load_split(_source(folder), "test", 32, progress=False)
+    _assert_same_rows(scan_data(teacher, teacher_meta, student, student_meta, loaded), fast)
+    _assert_same_rows(scan_data(teacher, teacher_meta, student, student_meta, loaded, limit=5),
+                      scan_split(teacher, teacher_meta, student, student_meta, folder, limit=5))
+
+
+def test_scan_data_rollout_rows_equal_whole_rollout(pair) -> None:
+    """The CLS-row shortcut (vector-matrix products) equals row 0 of the whole rollout (``vitkd.rollout``)."""
+    from vitkd.attention import capture_attention, token_layout
+    from vitkd.rollout import attention_rollout
+
+    teacher = pair[0]
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs = [capture_attention(teacher, x).attn_probs[b] for b in range(len(teacher.blocks))]
+    whole = attention_rollout(probs)[:, 0, 1:]
+    row = vitkd.scan._cls_rollout_row(probs, token_layout(teacher).num_prefix_tokens)
+    torch.testing.assert_close(row, whole / whole.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+
+
+def test_scan_data_refuses_other_classes_and_loads_each_models_size(pair, tmp_path: Path) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    other = make_folder(tmp_path / "other" / "test", per_class=1, class_names=("cat", "dog", "horse"))
+    make_folder(tmp_path / "other" / "train", per_class=1, class_names=("cat", "dog", "horse"))
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=r"the models predict 3 classes \(cat, dog, frog\) but .* has 3 classes "
+                                          r"\(cat, dog, horse\)"):
+        scan_data(teacher, teacher_meta, student, student_meta, _source(other), cache_dir=cache)
+    assert not cache.exists()  # refused before decoding anything
+    # A student reading 64x64 images with 8x8 patches: the same 8x8 grid, so the pair scans; the split is
+    # loaded at each model's size, as the per-image path resizes each file for each model.
+    torch.manual_seed(2)
+    big = build_model("cifar-student", 3, img_size=64, patch_size=8, depth=2, num_heads=2, embed_dim=32).eval()
+    big_meta = dict(student_meta, img_size=64)
+    fast = scan_data(teacher, teacher_meta, big, big_meta, _source(folder))
+    _assert_same_rows(fast, scan_split(teacher, teacher_meta, big, big_meta, folder))
+    assert len({r.divergence for r in fast.rows}) > 1
+
+
+def _deit_student(directory: Path) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(5)
+    model = build_model("cifar-student-deit", len(CLASS_NAMES), depth=2, num_heads=2, embed_dim=32)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.normal_(0.0, 0.5)
+    meta = {"class_names": list(CLASS_NAMES), "mean": list(MEAN), "std": list(STD), "img_size": 32,
+            "kind": "distilled"}
+    return load_checkpoint(save_checkpoint(model, meta, directory / "deit.safetensors"))
+
+
+def test_deit_student_with_plain_teacher_divergence_over_patches(pair, tmp_path: Path) -> None:
+    teacher, teacher_meta, _, _, folder = pair
+    deit, deit_meta = _deit_student(tmp_path)
+    assert deit.num_prefix_tokens == 2 and teacher.num_prefix_tokens == 1
+    slow = scan_split(teacher, teacher_meta, deit, deit_meta, folder, limit=4)
+    fast = scan_data(teacher, teacher_meta, deit, deit_meta, _source(folder), limit=4)
+    _assert_same_rows(fast, slow)
+    for row in fast.rows:
+        x = _reference_pixels(row.path)
+        _, t_attn = _reference_probs_and_attention(teacher, x)
+        s_probs, s_attn = _reference_probs_and_attention(deit, x)  # eval: the mean of the two heads
+        assert s_attn[0].shape[-1] == 66  # CLS, distillation token, 64 patches
+        assert row.student_conf == pytest.approx(s_probs.max(), abs=1e-5)
+        expected = _numpy_js_bits(_numpy_rollout_cls(t_attn, 1), _numpy_rollout_cls(s_attn, 2))
+        assert expected > 1e-4
+        assert row.divergence == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    # Swapping the roles (the DeiT model as teacher) gives the same divergences: JS is symmetric.
+    swapped = scan_data(deit, deit_meta, teacher, teacher_meta, _source(folder), limit=4)
+    assert [r.divergence for r in swapped.rows] == pytest.approx([r.divergence for r in fast.rows], rel=1e-6)
+
+
+def test_different_patch_grids_are_refused(pair) -> None:
+    teacher, teacher_meta, _, student_meta, folder = pair
+    coarse = build_model("cifar-student", 3, patch_size=8, depth=1, num_heads=2, embed_dim=32).eval()  # 4x4 grid
+    for scan in (lambda: scan_split(teacher, teacher_meta, coarse, student_meta, folder),
+                 lambda: scan_data(teacher, teacher_meta, coarse, student_meta, _source(folder))):
+        with pytest.raises(IncompatibleModelsError, match=r"teacher has a 8x8 patch grid after 1 prefix token\(s\) "
+                                                          r"and the student a 4x4 patch grid"):
+            scan()
+
+
+def test_per_image_path_holds_one_full_size_image_at_a_time(pair, tmp_path: Path, monkeypatch) -> None:
+    """``scan_split`` decodes and resizes file by file: the previous full-size image is gone before the next opens."""
+    import weakref
+
+    teacher, teacher_meta, student, student_meta, _ = pair
+    big = make_folder(tmp_path / "big", per_class=3)
+    for file in big.rglob("*.png"):
+        Image.open(file).resize((256, 192)).save(file)
+    alive: list[weakref.ref] = []
+    most_alive_at_open = []
+    real_open = vitkd.scan.open_rgb
+
+    def open_rgb(path):
+        most_alive_at_open.append(sum(ref() is not None for ref in alive))
+        image = real_open(path)
+        alive.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(vitkd.scan, "open_rgb", open_rgb)
+    result = scan_split(teacher, teacher_meta, student, student_meta, big, batch_size=9)
+    assert len(result.rows) == 9 and len(most_alive_at_open) == 9
+    assert max(most_alive_at_open) == 0
+
+
+def test_scan_folder_uses_the_cache_for_data_root_splits(pair, tmp_path: Path, monkeypatch) -> None:
+    teacher, teacher_meta, student, student_meta, folder = pair
+    assert cached_split_of(folder) == (_source(folder), "test")
+    assert cached_split_of(folder.parent / "train") == (_source(folder), "train")
+    assert cached_split_of(folder / "cat") is None
+    (tmp_path / "test").mkdir()
+    (tmp_path / "val").mkdir()
+    assert cached_split_of(tmp_path / "val") is None  # load_split reads test/ when both exist
+    calls = []
+    real_data, real_split = vitkd.scan.scan_data, vitkd.scan.scan_split
+    monkeypatch.setattr(vitkd.scan, "scan_data", lambda *a, **k: calls.append("data") or real_data(*a, **k))
+    monkeypatch.setattr(vitkd.scan, "scan_split", lambda *a, **k: calls.append("split") or real_split(*a, **k))
+    fast = scan_folder(teacher, teacher_meta, student, student_meta, folder, limit=6)
+    assert calls == ["data"]
+    _assert_same_rows(fast, real_split(teacher, teacher_meta, student, student_meta, folder, limit=6))
+    # A class folder (not a split) and a split with a file the decoder rejects go file by file.
+    calls.clear()
+    scan_folder(teacher, teacher_meta, student, student_meta, folder / "cat", labels={"0.png": "cat"})
+    assert calls == ["split"]
+    broken = make_folder(tmp_path / "broken" / "test", per_class=2)
+    make_folder(tmp_path / "broken" / "train", per_class=1)
+    (broken / "dog" / "bad.png").write_bytes(b"not an image")
+    calls.clear()
+    result = scan_folder(teacher, teacher_meta, student, student_meta, broken)
+    assert calls == ["split"] and [Path(p).name for p, _ in result.skipped] == ["bad.png"]
+    assert len(result.rows) == 6

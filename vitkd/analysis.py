@@ -20,7 +20,7 @@ from PIL import Image
 from .attention import TokenLayout, capture_attention
 from .headmap import HeadMap
 from .images import preprocess
-from .pairs import ModelPair, check_pair, norm_stats
+from .pairs import ModelPair, check_pair, norm_stats, restrict_tokens
 from .rollout import HEAD_FUSIONS, attention_rollout, gradient_rollout
 
 __all__ = ["Prediction", "ModelAnalysis", "ImageAnalysis", "analyze_image", "analyze_pair", "recompute_rollout",
@@ -39,7 +39,11 @@ class ModelAnalysis:
 
     ``attn_probs`` [L, H, T, T] holds every block's attention probabilities; ``rollout``
     [T, T] the attention rollout with the analysis' head fusion and discard ratio;
-    ``inputs`` [1, 3, S, S] the normalised input (for ``class_rollout``).
+    ``inputs`` [1, 3, S, S] the normalised input (for ``class_rollout``). ``T`` counts the tokens
+    of ``ImageAnalysis.layout``: ``tokens`` are their indices among the model's own tokens (all of
+    them, unless a DeiT model next to a plain one loses its distillation token, its rows
+    renormalised: ``vitkd.pairs.restrict_tokens``); ``full_attn_probs`` then keeps every token's
+    attention, so rollouts are computed over the tokens the model really used and restricted after.
     """
 
     role: str
@@ -49,6 +53,8 @@ class ModelAnalysis:
     attn_probs: np.ndarray
     rollout: np.ndarray
     inputs: torch.Tensor
+    tokens: tuple[int, ...] = ()
+    full_attn_probs: np.ndarray | None = None
 
     @property
     def predicted(self) -> int:
@@ -131,7 +137,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _analyze_model(role: str, model: torch.nn.Module, meta: Mapping[str, Any], image: Image.Image | np.ndarray,
                    img_size: int, class_names: Sequence[str], top_k: int, head_fusion: str,
-                   discard_ratio: float) -> tuple[ModelAnalysis, np.ndarray]:
+                   discard_ratio: float, tokens: Sequence[int]) -> tuple[ModelAnalysis, np.ndarray]:
     mean, std = norm_stats(meta)
     prep = preprocess(image, img_size, mean, std)
     inputs = prep.tensor.to(_model_device(model))
@@ -147,8 +153,12 @@ def _analyze_model(role: str, model: torch.nn.Module, meta: Mapping[str, Any], i
         attn = torch.stack([p[0] for p in probs_per_block]).cpu().numpy()
     top = tuple(Prediction(int(i), class_names[int(i)], float(p))
                 for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True))
+    full, roll = None, rollout.cpu().numpy()
+    if len(tokens) != attn.shape[-1]:  # a DeiT model next to a plain one: its distillation token goes
+        full, attn, roll = attn, restrict_tokens(attn, tokens), restrict_tokens(roll, tokens)
     result = ModelAnalysis(role=role, logits=logits.cpu().numpy(), probs=probs.cpu().numpy(), top_k=top,
-                           attn_probs=attn, rollout=rollout.cpu().numpy(), inputs=prep.tensor)
+                           attn_probs=attn, rollout=roll, inputs=prep.tensor, tokens=tuple(tokens),
+                           full_attn_probs=full)
     return result, prep.rgb
 
 
@@ -160,9 +170,9 @@ def analyze_pair(pair: ModelPair, image: Image.Image | np.ndarray, true_label: i
     if true_label is not None and not 0 <= int(true_label) < len(pair.class_names):
         raise ValueError(f"true_label {true_label} out of range for {len(pair.class_names)} classes")
     teacher, crop = _analyze_model("teacher", pair.teacher, pair.teacher_meta, image, pair.img_size,
-                                   pair.class_names, top_k, head_fusion, discard_ratio)
+                                   pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("teacher"))
     student, _ = _analyze_model("student", pair.student, pair.student_meta, image, pair.img_size,
-                                pair.class_names, top_k, head_fusion, discard_ratio)
+                                pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("student"))
     return ImageAnalysis(image_rgb=crop, class_names=pair.class_names, layout=pair.layout, head_map=pair.head_map,
                          teacher=teacher, student=student, true_label=None if true_label is None else int(true_label),
                          head_fusion=head_fusion, discard_ratio=float(discard_ratio))
@@ -178,14 +188,19 @@ def analyze_image(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], stu
 
 def recompute_rollout(result: ModelAnalysis, head_fusion: str = "mean", discard_ratio: float = 0.0) -> np.ndarray:
     """Attention rollout [T, T] from already captured attention (no model call): for rollout sliders."""
-    probs = torch.from_numpy(result.attn_probs)[:, None]  # [L, 1, H, T, T]: a batch of one per block
-    return attention_rollout(list(probs), head_fusion, discard_ratio)[0].numpy()
+    attn = result.attn_probs if result.full_attn_probs is None else result.full_attn_probs
+    probs = torch.from_numpy(attn)[:, None]  # [L, 1, H, T, T]: a batch of one per block
+    rollout = attention_rollout(list(probs), head_fusion, discard_ratio)[0].numpy()
+    return rollout if result.full_attn_probs is None else restrict_tokens(rollout, result.tokens)
 
 
-def class_rollout(model: torch.nn.Module, image_tensor: torch.Tensor, class_index: int) -> np.ndarray:
-    """Class-specific gradient rollout [T, T] for one normalised image [1, 3, S, S] (model is not mutated)."""
+def class_rollout(model: torch.nn.Module, image_tensor: torch.Tensor, class_index: int,
+                  tokens: Sequence[int] | None = None) -> np.ndarray:
+    """Class-specific gradient rollout [T, T] for one normalised image [1, 3, S, S] (model is not mutated);
+    restricted to ``tokens`` (``ModelAnalysis.tokens``) when given and fewer than the model's."""
     num_classes = int(model.num_classes)
     if not 0 <= int(class_index) < num_classes:
         raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
     inputs = image_tensor.to(_model_device(model))
-    return gradient_rollout(model, inputs, int(class_index))[0].detach().cpu().numpy()
+    rollout = gradient_rollout(model, inputs, int(class_index))[0].detach().cpu().numpy()
+    return rollout if tokens is None or len(tokens) == rollout.shape[-1] else restrict_tokens(rollout, tokens)

@@ -2,27 +2,53 @@
 
 Files are never unpickled. Training state for ``--resume`` (optimizer, step, RNG) is a
 second safetensors file beside the checkpoint, written the same atomic way.
+
+Metadata is hostile until checked. ``checkpoint_model_config`` passes on only architecture keys
+(``ARCHITECTURE_KEYS``), never a loader argument such as timm's ``checkpoint_path``.
+``load_checkpoint`` compares the architecture with the file before allocating anything: the
+depth with the blocks the header holds, then every parameter shape of the model built on the
+``meta`` device with the header's shapes (``safe_open(...).get_slice(name).get_shape()``); only a
+model that matches is built for real and loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import atomic_target
-from .models import ModelConfig, build_model, model_config
+from .models import PRESETS, SL_KEYS, ModelConfig, build_model, model_config
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
-           "save_training_state", "load_training_state", "read_training_state_epoch"]
+__all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+           "checkpoint_model_config", "checkpoint_architecture", "save_training_state", "load_training_state",
+           "read_training_state_epoch"]
 
 FORMAT_VERSION = 1
 _META_KEY = "vitkd"
+# The model overrides a checkpoint may record: timm ``VisionTransformer`` architecture arguments (plain
+# JSON values) and vitkd's own ``SL_KEYS``. Loader arguments (``checkpoint_path``, ``pretrained``,
+# ``pretrained_cfg``, ``cache_dir``, ...) and layer classes (``embed_layer``, ``block_fn``, ...) never are.
+ARCHITECTURE_KEYS: frozenset[str] = frozenset({
+    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values",
+    "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm",
+    "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate",
+    "proj_drop_rate", "attn_drop_rate", "drop_path_rate", *SL_KEYS,
+})
+_JSON_SCALARS = (bool, int, float, str, type(None))
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # a registry name with an optional tag, no source prefix
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -65,12 +91,116 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def checkpoint_model_config(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint's metadata records, with only architecture keys (``CheckpointError`` else).
+
+    The name must be a preset or a timm registry name (no ``hf-hub:``/``local-dir:`` source), the
+    overrides ``ARCHITECTURE_KEYS`` with JSON scalar (or list of scalars) values: a checkpoint never
+    makes ``build_model`` read a file, download or import anything.
+    """
+    record = meta.get("model")
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{path}: vitkd metadata has no model config")
+    try:
+        config = ModelConfig.from_dict(record)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild model from its metadata ({exc})") from exc
+    name = config.name
+    if not isinstance(name, str) or not (name in PRESETS or (_TIMM_NAME.fullmatch(name) and timm.is_model(name))):
+        raise CheckpointError(f"{path}: metadata names model {name!r}, which is neither a vitkd preset nor a timm "
+                              "model name; refusing to build it")
+    if not isinstance(config.num_classes, int) or isinstance(config.num_classes, bool) or config.num_classes < 0:
+        raise CheckpointError(f"{path}: metadata records num_classes {config.num_classes!r}, not a count")
+    if config.img_size is not None and (not isinstance(config.img_size, int) or isinstance(config.img_size, bool)):
+        raise CheckpointError(f"{path}: metadata records img_size {config.img_size!r}, not a size in pixels")
+    if not isinstance(config.overrides, Mapping):
+        raise CheckpointError(f"{path}: metadata model overrides are {type(config.overrides).__name__}, not a mapping")
+    refused = sorted(str(k) for k in config.overrides if k not in ARCHITECTURE_KEYS)
+    if refused:
+        raise CheckpointError(f"{path}: metadata model overrides {refused} are not architecture arguments "
+                              "(depth, embed_dim, num_heads, ...: vitkd.checkpoint.ARCHITECTURE_KEYS); refusing to "
+                              "build it")
+    for key, value in config.overrides.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, _JSON_SCALARS) for v in items):
+            raise CheckpointError(f"{path}: metadata model override {key}={value!r} is not a plain value")
+    return config
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors header (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _mismatch(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path}: weights do not match the recorded architecture ({detail})")
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _recorded_depth(config: ModelConfig) -> int | None:
+    """The depth the metadata asks for, when it says (an override or a preset's); None leaves timm's default."""
+    depth = config.overrides.get("depth", PRESETS[config.name].get("depth") if config.name in PRESETS else None)
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+
+
+def checkpoint_architecture(path: str | Path, meta: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The checkpoint's model on the ``meta`` device (no memory), checked against the file's header.
+
+    Refused with one ``CheckpointError`` line, before anything is allocated: overrides that are not
+    architecture keys, a depth other than the number of blocks the file holds (checked before the
+    model is even built, so an absurd depth costs nothing), a model with more parameters than the
+    file has bytes, and missing, unexpected or differently shaped tensors.
+    """
+    path = Path(path)
+    meta = read_checkpoint_meta(path) if meta is None else meta
+    config = checkpoint_model_config(meta, path)
+    shapes = _header_shapes(path)
+    file_blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK_KEY.match(name))}
+    depth = _recorded_depth(config)
+    if depth is not None and depth != len(file_blocks):
+        raise _mismatch(path, f"the metadata asks for depth {depth}, the file holds weights for "
+                              f"{len(file_blocks)} blocks")
+    try:  # weights are compared, not used: timm's initialisation is skipped
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = build_model(dataclasses.replace(config, overrides=dict(config.overrides, weight_init="skip")))
+    except Exception as exc:  # any failure to build from recorded metadata is the file's problem
+        raise CheckpointError(f"{path}: cannot rebuild model from its metadata ({exc})") from exc
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    model_values, size = sum(math.prod(shape) for shape in expected.values()), path.stat().st_size
+    if model_values > size:  # not even one byte per value: absurd, whatever the keys say
+        raise _mismatch(path, f"the metadata describes {model_values:,} parameters but the file is only "
+                              f"{size:,} bytes")
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + \
+                ([f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise _mismatch(path, "; ".join(parts))
+    wrong = [f"{name} is {list(shapes[name])} in the file, {list(shape)} in the model"
+             for name, shape in expected.items() if shapes[name] != shape]
+    if wrong:
+        raise _mismatch(path, _names(wrong))
+    return model
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from the metadata, load the weights; returns ``(model in eval mode, meta)``."""
+    """Rebuild the model from the metadata, load the weights; returns ``(model in eval mode, meta)``.
+
+    The architecture is checked against the file on the ``meta`` device first
+    (``checkpoint_architecture``); only then is the model allocated.
+    """
     path = Path(path)
     meta = read_checkpoint_meta(path)
+    checkpoint_architecture(path, meta)
+    config = checkpoint_model_config(meta, path)
     try:
-        config = ModelConfig.from_dict(meta["model"])
         model = build_model(config)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot rebuild model from its metadata ({exc})") from exc

@@ -48,8 +48,9 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
         g = p.add_argument_group("distillation")
         g.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
         g.add_argument("--map", default=None, dest="head_map",
-                       help="encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;... (default "
-                            "encoder; none with --alpha 1: logit distillation alone)")
+                       help="encoder | encoder[h,...] | block:T->S[h,...];T->S | head:Tb.Th->Sb.Sh;... | "
+                            "head:Tb.{h,h}->Sb.Sh (a group's mean); without [h,...] fewer student heads follow "
+                            "even groups of teacher heads (default encoder; none with --alpha 1: logits only)")
         g.add_argument("--loss", default="kl", choices=["mse", "ce", "kl"])
         g.add_argument("--alpha", type=float, default=0.5, help="weight of label CE; 1-alpha on attention")
         g.add_argument("--gate", default="none", choices=list(GATES),
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("scan", help="both models over a split: who is right, and how differently they look")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
+    p.add_argument("--student", required=True, help="student checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="cifar10, cifar100 or imagefolder:PATH (classes: the models')")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images, evenly spaced")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--csv", default=None, metavar="FILE",
+                   help="write one row per image (path, label, predictions, confidences, group, divergence)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("experiment", help="run every run of an experiment config and write the results table")
     p.add_argument("config", help="YAML file, e.g. configs/cifar10.yaml")
@@ -116,6 +130,25 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         else:
             print(f"{result['checkpoint']}: {result['accuracy']:.2f}% top-1 on {result['n']} {args.split} images")
+    elif args.command == "scan":
+        from .scan import GROUP_TITLES, scan_checkpoints
+
+        result = scan_checkpoints(args.teacher, args.student, args.data, split=args.split, limit=args.limit,
+                                  batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
+        if args.csv:
+            result.write_csv(args.csv)
+        summary = result.summary()
+        if args.json:
+            print(json.dumps({"teacher": args.teacher, "student": args.student, "data": args.data,
+                              "split": args.split, **summary, "csv": args.csv}))
+        else:
+            print(f"{summary['n']} {args.split} images of {args.data}: teacher {summary['teacher_accuracy']:.2f}% "
+                  f"top-1, student {summary['student_accuracy']:.2f}% top-1, mean rollout divergence "
+                  f"{summary['mean_divergence']:.4f} bits")
+            for group, count in summary["counts"].items():
+                print(f"  {GROUP_TITLES[group]}: {count}")
+            if args.csv:
+                print(f"per-image rows: {args.csv}")
     elif args.command == "experiment":
         from .experiment import run_experiment
 

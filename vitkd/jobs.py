@@ -34,7 +34,8 @@ from .rundir import RunDir
 
 __all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "resume_job", "active_job", "job_status", "cancel_job",
            "list_jobs", "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
-           "matching_student_presets", "training_roots", "folder_class_names"]
+           "matching_student_presets", "training_roots", "folder_class_names", "DOWNLOADABLE_SOURCES",
+           "training_sources", "source_class_names"]
 
 LOCK_NAME = ".active_job"
 _MUTEX_NAME = ".jobs.mutex"
@@ -473,13 +474,30 @@ def list_jobs(runs_dir: str | Path) -> list[Job]:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a head map and a student choice depend on: depth, heads, input size, token grid, prefix tokens."""
+    """What a head map and a student choice depend on: depth, heads, input size, token grid, prefix tokens.
+
+    ``distillation_token``: a DeiT model (its prefix tokens include one); a plain teacher can teach it,
+    its maps losing that token's row and column (``vitkd.train``).
+    """
 
     depth: int
     num_heads: int
     img_size: int
     grid: tuple[int, int]
     num_prefix_tokens: int
+    distillation_token: bool = False
+
+
+def _spec_shape(name: str, spec: Mapping[str, Any], img_size: int | None) -> ModelShape:
+    """A preset's shape from its keyword arguments (plus overrides): arithmetic, nothing is built."""
+    from .models import DISTILLED_PRESETS
+
+    size = int(img_size or spec["img_size"])
+    patch = int(spec["patch_size"])
+    distilled = name in DISTILLED_PRESETS
+    prefix = int(bool(spec.get("class_token", True))) + int(spec.get("reg_tokens") or 0) + int(distilled)
+    return ModelShape(depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), img_size=size,
+                      grid=(size // patch, size // patch), num_prefix_tokens=prefix, distillation_token=distilled)
 
 
 def preset_shape(preset: str, img_size: int | None = None) -> ModelShape:
@@ -488,43 +506,52 @@ def preset_shape(preset: str, img_size: int | None = None) -> ModelShape:
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
-    size = int(img_size or spec["img_size"])
-    patch = int(spec["patch_size"])
-    return ModelShape(depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), img_size=size,
-                      grid=(size // patch, size // patch), num_prefix_tokens=1)
+    return _spec_shape(preset, PRESETS[preset], img_size)
 
 
-def checkpoint_shape(meta: Mapping[str, Any]) -> ModelShape:
-    """The shape of a checkpoint's model from its metadata (builds it only for timm names, never loads weights)."""
-    from .models import PRESETS, ModelConfig, build_model
+def checkpoint_shape(meta: Mapping[str, Any], path: str | Path | None = None) -> ModelShape:
+    """The shape of a checkpoint's model from its metadata and header; nothing is allocated, no weights read.
 
-    config = ModelConfig.from_dict(meta["model"])
-    overrides = dict(config.overrides)
-    if config.name in PRESETS and not ({"class_token", "reg_tokens", "no_embed_class"} & set(overrides)):
-        spec = dict(PRESETS[config.name], **overrides)
-        size = int(config.img_size or spec["img_size"])
-        patch = int(spec["patch_size"])
-        return ModelShape(depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), img_size=size,
-                          grid=(size // patch, size // patch), num_prefix_tokens=1)
+    With ``path``, the model is built on the ``meta`` device and checked against the file's header
+    (``vitkd.checkpoint.checkpoint_architecture``); without it a preset's shape is worked out from
+    its arguments and a timm name is built on the ``meta`` device. Either way the metadata passes
+    ``checkpoint_model_config`` first (architecture keys only).
+    """
+    import torch
+
     from .attention import token_layout
+    from .checkpoint import checkpoint_architecture, checkpoint_model_config
+    from .models import PRESETS, build_model, has_distillation_token
 
-    model = build_model(config)
+    config = checkpoint_model_config(meta, path or "checkpoint")
+    if path is not None:
+        model = checkpoint_architecture(path, meta)
+    elif config.name in PRESETS:
+        return _spec_shape(config.name, dict(PRESETS[config.name], **config.overrides), config.img_size)
+    else:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = build_model(config)
     layout = token_layout(model)
     return ModelShape(depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
                       img_size=int(model.patch_embed.img_size[0]), grid=layout.grid_size,
-                      num_prefix_tokens=layout.num_prefix_tokens)
+                      num_prefix_tokens=layout.num_prefix_tokens,
+                      distillation_token=has_distillation_token(model))
 
 
 def matching_student_presets(teacher: ModelShape) -> list[str]:
-    """Presets that, trained at the teacher's input size, have its token grid (so attention maps can be compared)."""
+    """Presets that, trained at the teacher's input size, have its token grid (so attention maps can be compared).
+
+    A DeiT preset matches a plain teacher with one prefix token fewer: its distillation token is
+    dropped from the maps it learns (and it trains with ``--kd deit-hard``).
+    """
     from .models import PRESETS
 
     matches = []
     for name in PRESETS:
         shape = preset_shape(name, teacher.img_size)
+        extra = int(shape.distillation_token and not teacher.distillation_token)
         if (teacher.img_size % int(PRESETS[name]["patch_size"]) == 0 and shape.grid == teacher.grid
-                and shape.num_prefix_tokens == teacher.num_prefix_tokens):
+                and shape.num_prefix_tokens - extra == teacher.num_prefix_tokens):
             matches.append(name)
     return matches
 
@@ -539,3 +566,23 @@ def folder_class_names(root: str | Path) -> list[str]:
     """Class names of ``ROOT/train`` in the order training assigns labels (sorted subfolder names)."""
     train = Path(root) / "train"
     return sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+
+
+# torchvision datasets the training form offers where a network exists (trained with ``--download``).
+DOWNLOADABLE_SOURCES: tuple[str, ...] = ("cifar10", "cifar100")
+# torchvision's CIFAR-10 label order; CIFAR-100's 100 names are checked against a teacher when the run starts.
+_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def training_sources(data_roots: Sequence[str | Path], downloads: bool) -> list[str]:
+    """``--data`` sources the training form offers: ``imagefolder:ROOT`` for each training root, then (with
+    ``downloads``, where a network exists) the torchvision datasets."""
+    return [f"imagefolder:{root}" for root in training_roots(data_roots)] + \
+        (list(DOWNLOADABLE_SOURCES) if downloads else [])
+
+
+def source_class_names(source: str) -> list[str] | None:
+    """A ``--data`` source's class names in label order, or None when only loading it tells (CIFAR-100)."""
+    if source.startswith("imagefolder:"):
+        return folder_class_names(source.split(":", 1)[1])
+    return list(_CIFAR10_CLASSES) if source == "cifar10" else None

@@ -1,4 +1,9 @@
-"""Teacher/student pairs the app can compare head by head, and one checkpoint's summary."""
+"""Teacher/student pairs the app can compare head by head, and one checkpoint's summary.
+
+A DeiT model (a distillation token after CLS) pairs with a plain ViT of the same patch grid: its
+maps are compared without the distillation token's row and column (``ModelPair.tokens``,
+``restrict_tokens``), as ``vitkd.train`` does when a DeiT student follows a plain teacher.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .attention import TokenLayout, token_layout
 from .checkpoint import load_checkpoint
 from .errors import ConfigError, IncompatibleModelsError
 from .headmap import HeadMap
-from .models import describe_model
+from .models import describe_model, has_distillation_token
 
-__all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats", "names_preview"]
+__all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats", "names_preview",
+           "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
 
 
 def model_img_size(model: torch.nn.Module, meta: Mapping[str, Any]) -> int:
@@ -45,10 +52,37 @@ def names_preview(names: Sequence[str]) -> str:
     return f"{len(names)} classes ({shown}{', ...' if len(names) > 4 else ''})"
 
 
+def shared_tokens(layout: TokenLayout, distillation_token: bool, shared: TokenLayout) -> tuple[int, ...]:
+    """Indices of a model's tokens (``layout``) that make up ``shared``: all of them, or all but the
+    distillation token (index 1, after CLS) when the model has one that ``shared`` lacks."""
+    if layout == shared:
+        return tuple(range(layout.num_tokens))
+    if (distillation_token and layout.grid_size == shared.grid_size
+            and layout.num_prefix_tokens == shared.num_prefix_tokens + 1):
+        return (0, *range(2, layout.num_tokens))
+    raise IncompatibleModelsError(f"{_describe_layout(layout)} cannot be compared with {_describe_layout(shared)}")
+
+
+def restrict_tokens(attn: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    """Attention [..., T, T] restricted to ``tokens`` as queries and keys, rows renormalised to sum to 1:
+    [..., len(tokens), len(tokens)], the attention each query gives the kept tokens (a copy, same float dtype)."""
+    a = np.asarray(attn)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"expected [..., T, T] attention, got {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+    index = np.asarray(tokens, dtype=np.int64)
+    kept = a[..., index, :][..., index]
+    return kept / np.maximum(kept.sum(axis=-1, keepdims=True), np.finfo(kept.dtype).tiny)
+
+
 @dataclass(frozen=True, eq=False)
 class ModelPair:
-    """A teacher and a student that can be compared head by head: same token layout, input size and classes.
+    """A teacher and a student that can be compared head by head: same patch grid, input size and classes.
 
+    ``layout`` is the token layout their maps are compared in; ``teacher_layout`` and
+    ``student_layout`` are each model's own (they differ only when one is a DeiT model with a
+    distillation token the other lacks; ``tokens(role)`` picks that model's tokens of ``layout``).
     ``head_map`` is the student's recorded map (which teacher head taught which student head),
     or None for a baseline student or a map that does not fit this teacher (see ``notes``).
     """
@@ -62,6 +96,34 @@ class ModelPair:
     class_names: tuple[str, ...]
     head_map: HeadMap | None
     notes: tuple[str, ...] = ()
+    teacher_layout: TokenLayout | None = None
+    student_layout: TokenLayout | None = None
+
+    def model_layout(self, role: str) -> TokenLayout:
+        """The token layout of ``role``'s (``teacher`` or ``student``) own attention maps."""
+        own = {"teacher": self.teacher_layout, "student": self.student_layout}
+        if role not in own:
+            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+        return own[role] or self.layout
+
+    def tokens(self, role: str) -> tuple[int, ...]:
+        """Indices of ``role``'s tokens that make up ``layout`` (``restrict_tokens`` maps its attention there)."""
+        model = self.teacher if role == "teacher" else self.student
+        return shared_tokens(self.model_layout(role), has_distillation_token(model), self.layout)
+
+
+def _compared_layout(teacher_layout: TokenLayout, teacher_deit: bool, student_layout: TokenLayout,
+                     student_deit: bool) -> TokenLayout | None:
+    """The layout both models' maps can be compared in, or None when their tokens differ in more than a
+    distillation token (one model is DeiT, the other plain, same grid)."""
+    if teacher_layout == student_layout:
+        return teacher_layout
+    for deit, layout, other_deit, other in ((student_deit, student_layout, teacher_deit, teacher_layout),
+                                            (teacher_deit, teacher_layout, student_deit, student_layout)):
+        if (deit and not other_deit and layout.grid_size == other.grid_size
+                and layout.num_prefix_tokens == other.num_prefix_tokens + 1):
+            return other
+    return None
 
 
 def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
@@ -75,11 +137,14 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
         student_layout = token_layout(student)
     except IncompatibleModelsError as exc:
         raise IncompatibleModelsError(f"student: {exc}") from exc
-    if teacher_layout != student_layout:
+    layout = _compared_layout(teacher_layout, has_distillation_token(teacher), student_layout,
+                              has_distillation_token(student))
+    if layout is None:
         raise IncompatibleModelsError(
             f"token grids differ: the teacher has {_describe_layout(teacher_layout)} but the student has "
             f"{_describe_layout(student_layout)}; attention can only be compared between models with the same "
-            "token layout: pick a student built for this teacher's input and patch size")
+            "token layout (a DeiT distillation token aside): pick a student built for this teacher's input and "
+            "patch size")
     teacher_size, student_size = model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)
     if teacher_size != student_size:
         raise IncompatibleModelsError(
@@ -100,8 +165,8 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
                                                         s_desc["heads"])
         except ConfigError as exc:
             notes.append(f"the student's head map does not fit this teacher ({exc}); distilled pairs are not shown")
-    return ModelPair(teacher, teacher_meta, student, student_meta, teacher_layout, teacher_size, teacher_names,
-                     head_map, tuple(notes))
+    return ModelPair(teacher, teacher_meta, student, student_meta, layout, teacher_size, teacher_names,
+                     head_map, tuple(notes), teacher_layout, student_layout)
 
 
 def load_pair(teacher_path: str | Path, student_path: str | Path, device: str | torch.device = "cpu") -> ModelPair:
@@ -111,12 +176,64 @@ def load_pair(teacher_path: str | Path, student_path: str | Path, device: str | 
     return check_pair(teacher, teacher_meta, student, student_meta)
 
 
+def training_recipe(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How a checkpoint was trained, from its ``train_config`` (None when the metadata has none).
+
+    ``distilled`` is False for a model trained on labels alone; the other keys are ``TrainConfig``'s
+    (``loss``, ``alpha``, ``head_map``, ``gate``, ``weighting``, ``kd``, ``kd_weight``,
+    ``kd_temperature``) with its defaults where an older checkpoint did not record them.
+    ``attention`` says whether an attention term was trained (a distilled run with a head map:
+    ``TrainConfig`` refuses a head map with alpha 1).
+    """
+    config = meta.get("train_config")
+    if not isinstance(config, Mapping):
+        return None
+    alpha = float(config.get("alpha", 1.0))
+    distilled = bool(config.get("teacher"))
+    head_map = config.get("head_map") if distilled else None
+    return {
+        "distilled": distilled,
+        "attention": distilled and bool(head_map),
+        "loss": str(config.get("loss", "kl")),
+        "alpha": alpha,
+        "head_map": head_map,
+        "gate": str(config.get("gate", "none")),
+        "weighting": str(config.get("weighting", "none")),
+        "kd": str(config.get("kd", "none")),
+        "kd_weight": float(config.get("kd_weight", 0.0)),
+        "kd_temperature": float(config.get("kd_temperature", 4.0)),
+    }
+
+
+def describe_recipe(recipe: Mapping[str, Any] | None) -> str:
+    """One line: ``labels only``, or the loss terms of a distilled run (attention, gate, weighting, logit KD)."""
+    if recipe is None:
+        return "not recorded"
+    if not recipe["distilled"]:
+        return "labels only (cross-entropy)"
+    parts = []
+    if recipe["attention"]:
+        alpha = recipe["alpha"]
+        parts.append(f"{recipe['loss'].upper()} attention loss on head map {recipe['head_map']}, "
+                     f"alpha {alpha:g} ({alpha:g} CE + {1 - alpha:g} attention)")
+        if recipe["gate"] != "none":
+            parts.append(f"gate {recipe['gate']}")
+        if recipe["weighting"] != "none":
+            parts.append(f"weighting {recipe['weighting']}")
+    if recipe["kd"] == "deit-hard":
+        parts.append("DeiT hard-label distillation (distillation head learns the teacher's argmax)")
+    elif recipe["kd_weight"] > 0:
+        parts.append(f"logit KD weight {recipe['kd_weight']:g}, temperature {recipe['kd_temperature']:g}")
+    return "; ".join(parts) or "distilled (no attention or logit term recorded)"
+
+
 def model_summary(model: torch.nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a user needs to know about one checkpoint at a glance (JSON-able)."""
     desc = describe_model(model)
     metrics = meta.get("metrics") or {}
     teacher = meta.get("teacher") or {}
     rows = meta.get("head_map")
+    recipe = training_recipe(meta)
     return {
         **desc,
         "kind": meta.get("kind", "unknown"),
@@ -126,4 +243,6 @@ def model_summary(model: torch.nn.Module, meta: Mapping[str, Any]) -> dict[str, 
         "class_names": list(_class_names(model, meta)),
         "head_map": HeadMap.from_list(rows).describe() if rows else None,
         "teacher": teacher.get("path"),
+        "recipe": recipe,
+        "recipe_text": describe_recipe(recipe),
     }

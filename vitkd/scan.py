@@ -1,9 +1,17 @@
-"""Misclassification finder: run a teacher and a student over an image folder and sort each image into a group.
+"""Misclassification finder: run a teacher and a student over a split and sort each image into a group.
 
 A group says who got the image right (teacher only, student only, neither, both); the attention
 divergence says how differently the two models look at it: the Jensen-Shannon divergence (bits,
 in [0, 1]) between the CLS rows of their attention rollouts, restricted to patch tokens and
-renormalised. Images are decoded batch by batch, so a limit keeps a large split cheap.
+renormalised. Restricting to patches makes the divergence well defined for models whose prefix
+tokens differ (a DeiT student with a distillation token against a plain teacher), as long as
+both see the same patch grid.
+
+Two paths give the same rows: ``scan_data`` reads a split from the decoded-image cache
+(``vitkd.data.load_split``, what ``eval`` and training read) and runs both models in batches;
+``scan_split`` decodes any folder of images file by file (flat folders with labels, the
+bundled examples). ``scan_folder`` picks the cached path whenever ``load_split`` can read the
+folder, and ``scan_checkpoints`` is what ``python -m vitkd scan`` calls.
 """
 
 from __future__ import annotations
@@ -20,14 +28,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .agreement import js_divergence
-from .attention import capture_attention, token_layout
-from .data import normalize
+from .attention import TokenLayout, capture_attention, token_layout
+from .checkpoint import load_checkpoint
+from .data import ImageTensors, load_split, normalize, split_class_names
 from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError, IncompatibleModelsError
-from .rollout import attention_rollout
+from .files import write_text_atomic
+from .pairs import model_img_size, names_preview, norm_stats
 
-__all__ = ["GROUPS", "GROUP_TITLES", "ScanRow", "ScanResult", "list_labelled_images", "scan_split",
-           "split_folders"]
+__all__ = ["GROUPS", "GROUP_TITLES", "ScanRow", "ScanResult", "list_labelled_images", "scan_split", "scan_data",
+           "scan_folder", "scan_checkpoints", "cached_split_of", "split_folders"]
 
 GROUPS: tuple[str, ...] = ("teacher_right_student_wrong", "student_right_teacher_wrong", "both_wrong", "both_right")
 GROUP_TITLES: Mapping[str, str] = {
@@ -82,12 +92,29 @@ class ScanResult:
         return [dict(r.__dict__) for r in self.rows]
 
     def to_csv(self) -> str:
+        """One line per image: path, label, both predictions and confidences, group, rollout divergence."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(ScanRow.__dataclass_fields__), lineterminator="\n")
         writer.writeheader()
         for record in self.to_records():
             writer.writerow(record)
         return buf.getvalue()
+
+    def write_csv(self, path: str | Path) -> Path:
+        """``to_csv`` written atomically to ``path`` (``ConfigError`` naming the path when it cannot be written)."""
+        path = Path(path)
+        try:
+            write_text_atomic(path, self.to_csv())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the scan's CSV to {path}: {exc.strerror or exc}") from exc
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able totals: images, skipped files, count per group, both accuracies, mean divergence."""
+        n = len(self.rows)
+        return {"n": n, "skipped": len(self.skipped), "counts": dict(self.counts),
+                "teacher_accuracy": self.teacher_accuracy, "student_accuracy": self.student_accuracy,
+                "mean_divergence": sum(r.divergence for r in self.rows) / n if n else None}
 
 
 def _is_image(path: Path) -> bool:
@@ -139,51 +166,80 @@ def list_labelled_images(folder: str | Path, class_names: Sequence[str],
     return items
 
 
-def _open_rgb(paths: Sequence[Path]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
-    """The decodable images as RGB (``vitkd.decode``, as training data), their positions in ``paths``,
-    and ``(path, reason)`` for the rest."""
-    images, kept, skipped = [], [], []
+def _decode_resized(paths: Sequence[Path], sizes: Sequence[int],
+                    ) -> tuple[dict[int, torch.Tensor], list[int], list[tuple[str, str]]]:
+    """Decode ``paths`` one file at a time (``vitkd.decode``, as training data) and resize each image to
+    every size in ``sizes`` before the next file is opened, so one full-resolution image is held at a time.
+
+    Returns ``{size: uint8 [K, 3, size, size]}`` for the K decodable files, their positions in ``paths``,
+    and ``(path, reason)`` for the rest.
+    """
+    arrays: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
+    kept, skipped = [], []
     for i, path in enumerate(paths):
         try:
-            images.append(open_rgb(path))
-            kept.append(i)
+            image = open_rgb(path)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
                 EOFError) as exc:
             skipped.append((str(path), f"cannot decode: {exc}"))
-    return images, kept, skipped
+            continue
+        for size, parts in arrays.items():
+            parts.append(np.asarray(resize_center_crop(image, size)))
+        kept.append(i)
+        del image
+    tensors = {size: torch.from_numpy(np.stack(parts)).permute(0, 3, 1, 2).contiguous()
+               for size, parts in arrays.items() if parts}
+    return tensors, kept, skipped
 
 
-def _to_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """uint8 [N, 3, size, size], resized and centre-cropped the way training data is."""
-    arrays = np.stack([np.asarray(resize_center_crop(img, size)) for img in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+# Attention elements of one captured block ([B, H, T, T]) per forward chunk: 4 MB of float32 (31 images
+# for cifar-teacher, 62 for cifar-student), so a chunk's attention maps stay near the CPU caches. On the
+# bundled CIFAR-10 pair (bench/scan_speed.py, 1 thread, CPU time) the whole scan cost 1.05x eval + eval
+# with this budget, 1.34x with a quarter of it (per-chunk overhead), 1.26x with 4x and 1.92x with 64x.
+_BLOCK_ATTENTION_ELEMENTS = 1 << 20
 
 
-def _img_size(model: torch.nn.Module, meta: Mapping[str, Any]) -> int:
-    return int(meta.get("img_size") or model.patch_embed.img_size[0])
+def _chunk_size(model: torch.nn.Module, layout: TokenLayout) -> int:
+    return max(1, _BLOCK_ATTENTION_ELEMENTS // (model.blocks[0].attn.num_heads * layout.num_tokens ** 2))
 
 
-# Upper bound on attention elements held at once (logits + probs of every block), ~1 GB in float32.
-_ATTENTION_BUDGET = 256 * 1024 * 1024
+def _cls_rollout_row(attn_probs: Sequence[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
+    """Row 0 (CLS) of ``attention_rollout(attn_probs)`` over the patch tokens, renormalised: [B, P].
+
+    The rollout is ``R = Â_L ... Â_1`` with ``Â = rownorm(0.5 A + 0.5 I)`` and ``A`` the head mean,
+    so its first row is ``e_0ᵀ Â_L ... Â_1``: vector-matrix products from the last block down,
+    ``[B, T]`` per block instead of the ``[B, T, T]`` products of the whole rollout.
+    """
+    row: torch.Tensor | None = None
+    for probs in reversed(attn_probs):
+        fused = probs.float().mean(dim=1)  # [B, T, T]
+        row_sums = 0.5 * fused.sum(dim=-1) + 0.5  # rows of 0.5 A + 0.5 I
+        if row is None:
+            row = 0.5 * fused[:, 0].clone()
+            row[:, 0] += 0.5
+            row = row / row_sums[:, :1]
+        else:
+            scaled = row / row_sums  # row @ diag(1 / sums) @ (0.5 A + 0.5 I)
+            row = 0.5 * torch.bmm(scaled[:, None], fused)[:, 0] + 0.5 * scaled
+    assert row is not None, "a ViT has at least one block"
+    patches = row[:, num_prefix_tokens:]
+    return patches / patches.sum(dim=-1, keepdim=True)
 
 
-@torch.no_grad()
-def _predict_and_roll(model: torch.nn.Module, images: torch.Tensor, num_prefix_tokens: int,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_and_roll(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                      layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax class probabilities [B, C] and the CLS rollout row over patch tokens [B, P] (sums to 1).
 
-    Capturing every block keeps [B, H, T, T] twice per block, so large models run in sub-batches.
+    ``images`` is uint8 [B, 3, S, S] on the model's device, normalised here chunk by chunk. Runs under
+    ``inference_mode``: the model is only read (safe on shared, cached models).
     """
-    layout = token_layout(model)
-    per_image = 2 * len(model.blocks) * model.blocks[0].attn.num_heads * layout.num_tokens ** 2
-    chunk = max(1, _ATTENTION_BUDGET // per_image)
     probs_parts, row_parts = [], []
-    for part in images.split(chunk):
-        out = capture_attention(model, part)
-        rollout = attention_rollout([out.attn_probs[b] for b in sorted(out.attn_probs)])
-        cls_row = rollout[:, 0, num_prefix_tokens:]
-        row_parts.append((cls_row / cls_row.sum(-1, keepdim=True)).cpu())
-        probs_parts.append(out.class_logits.float().softmax(-1).cpu())
+    with torch.inference_mode():
+        for part in images.split(_chunk_size(model, layout)):
+            out = capture_attention(model, normalize(part, tuple(mean), tuple(std)))
+            row_parts.append(_cls_rollout_row([out.attn_probs[b] for b in sorted(out.attn_probs)],
+                                              layout.num_prefix_tokens).cpu())
+            probs_parts.append(out.class_logits.float().softmax(-1).cpu())
     return torch.cat(probs_parts), torch.cat(row_parts)
 
 
@@ -196,68 +252,229 @@ def _group(label: int, teacher_pred: int, student_pred: int) -> str:
     return "both_right" if teacher_right else "both_wrong"
 
 
-def scan_split(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
-               student_meta: Mapping[str, Any], folder: str | Path, labels: Mapping[str, str | int] | None = None,
-               batch_size: int = 256, limit: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> ScanResult:
-    """Classify every image of ``folder`` with both models; see ``list_labelled_images`` for the layout.
+def _describe_layout(layout: TokenLayout) -> str:
+    gh, gw = layout.grid_size
+    return f"a {gh}x{gw} patch grid after {layout.num_prefix_tokens} prefix token(s)"
 
-    Models are used read-only under ``no_grad`` (safe on shared, cached models). Each model sees
-    the image at its own ``img_size``, normalised with its own training mean/std. ``progress``
-    is called as ``progress(images done, total)`` after each batch.
+
+def _check_models(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
+                  student_meta: Mapping[str, Any]) -> tuple[tuple[str, ...], TokenLayout, TokenLayout]:
+    """The models' class names and token layouts; ``IncompatibleModelsError`` when they cannot be scanned together.
+
+    Prefix tokens may differ (a DeiT student's distillation token): the divergence compares patch tokens only.
     """
-    class_names = tuple(teacher_meta.get("class_names") or ())
-    student_classes = tuple(student_meta.get("class_names") or ())
+    class_names = tuple(str(n) for n in teacher_meta.get("class_names") or ())
+    student_classes = tuple(str(n) for n in student_meta.get("class_names") or ())
     if not class_names:
         raise IncompatibleModelsError("the teacher checkpoint records no class names; cannot map labels")
     if student_classes != class_names:
         raise IncompatibleModelsError(f"teacher classes ({', '.join(class_names)}) and student classes "
                                       f"({', '.join(student_classes)}) differ; pick a pair trained on one dataset")
     t_layout, s_layout = token_layout(teacher), token_layout(student)
-    if t_layout != s_layout:
-        raise IncompatibleModelsError(f"teacher tokens {t_layout} and student tokens {s_layout} differ; attention "
-                                      "divergence needs the same patch grid and prefix tokens")
+    if t_layout.grid_size != s_layout.grid_size:
+        raise IncompatibleModelsError(
+            f"the teacher has {_describe_layout(t_layout)} and the student {_describe_layout(s_layout)}; the "
+            "attention divergence compares the same patches, so pick a student built for the teacher's input "
+            "and patch size")
+    return class_names, t_layout, s_layout
+
+
+def _check_options(batch_size: int, limit: int | None) -> None:
     if batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be positive, got {limit}")
-    items = list_labelled_images(folder, class_names, labels)
-    if limit is not None and limit < len(items):
-        # Evenly spaced over the sorted list, so a limited scan still covers every class folder.
-        step = len(items) / limit
-        items = [items[int(i * step)] for i in range(limit)]
 
-    models = {"teacher": (teacher, teacher_meta), "student": (student, student_meta)}
+
+def _spread(n: int, limit: int | None) -> list[int]:
+    """Positions kept by ``limit``: evenly spaced over the sorted list, so every class folder is covered."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    step = n / limit
+    return [int(i * step) for i in range(limit)]
+
+
+def _score(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], t_layout: TokenLayout,
+           student: torch.nn.Module, student_meta: Mapping[str, Any], s_layout: TokenLayout,
+           images: Mapping[int, torch.Tensor], labels: Sequence[int], paths: Sequence[str],
+           class_names: Sequence[str]) -> list[ScanRow]:
+    """Rows for one batch: ``images`` maps each model's input size to uint8 [B, 3, S, S] (CPU)."""
+    results = []
+    for model, meta, layout in ((teacher, teacher_meta, t_layout), (student, student_meta, s_layout)):
+        device = next(model.parameters()).device
+        mean, std = norm_stats(meta)
+        batch = images[model_img_size(model, meta)].to(device)
+        results.append(_predict_and_roll(model, batch, mean, std, layout))
+    (t_probs, t_rows), (s_probs, s_rows) = results
+    t_conf, t_pred = t_probs.max(-1)
+    s_conf, s_pred = s_probs.max(-1)
+    divergence = js_divergence(t_rows, s_rows)
+    return [ScanRow(path=path, label=label, label_name=class_names[label],
+                    teacher_pred=tp, teacher_pred_name=class_names[tp], teacher_conf=tc,
+                    student_pred=sp, student_pred_name=class_names[sp], student_conf=sc,
+                    group=_group(label, tp, sp), divergence=js)
+            for path, label, tp, tc, sp, sc, js in zip(paths, labels, t_pred.tolist(), t_conf.tolist(),
+                                                       s_pred.tolist(), s_conf.tolist(), divergence.tolist(),
+                                                       strict=True)]
+
+
+def _result(rows: list[ScanRow], class_names: tuple[str, ...], skipped: Sequence[tuple[str, str]] = ()) -> ScanResult:
+    counts = {g: sum(r.group == g for r in rows) for g in GROUPS}
+    return ScanResult(rows=tuple(rows), class_names=class_names, counts=counts, skipped=tuple(skipped))
+
+
+def scan_split(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
+               student_meta: Mapping[str, Any], folder: str | Path, labels: Mapping[str, str | int] | None = None,
+               batch_size: int = 256, limit: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> ScanResult:
+    """Classify every image of ``folder`` with both models, decoding file by file (see ``list_labelled_images``).
+
+    Undecodable files are skipped and listed in ``ScanResult.skipped``. Models are used read-only under
+    ``inference_mode`` (safe on shared, cached models). Each model sees the image at its own ``img_size``,
+    normalised with its own training mean/std. ``progress`` is called as ``progress(images done, total)``
+    after each batch.
+    """
+    class_names, t_layout, s_layout = _check_models(teacher, teacher_meta, student, student_meta)
+    _check_options(batch_size, limit)
+    items = list_labelled_images(folder, class_names, labels)
+    items = [items[i] for i in _spread(len(items), limit)]
+    sizes = sorted({model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)})
     rows: list[ScanRow] = []
     skipped: list[tuple[str, str]] = []
     total = len(items)
     for start in range(0, total, batch_size):
         batch = items[start:start + batch_size]
-        paths = [p for p, _ in batch]
-        pil_images, kept, bad = _open_rgb(paths)
+        images, kept, bad = _decode_resized([p for p, _ in batch], sizes)
         skipped.extend(bad)
         if kept:
-            results = {}
-            for side, (model, meta) in models.items():
-                device = next(model.parameters()).device
-                uint8 = _to_uint8(pil_images, _img_size(model, meta)).to(device)
-                images = normalize(uint8, tuple(meta["mean"]), tuple(meta["std"]))
-                results[side] = _predict_and_roll(model, images, t_layout.num_prefix_tokens)
-            t_conf, t_pred = results["teacher"][0].max(-1)
-            s_conf, s_pred = results["student"][0].max(-1)
-            divergence = js_divergence(results["teacher"][1], results["student"][1])
-            for j, i in enumerate(kept):
-                label = batch[i][1]
-                tp, sp = int(t_pred[j]), int(s_pred[j])
-                rows.append(ScanRow(
-                    path=str(paths[i]), label=label, label_name=class_names[label],
-                    teacher_pred=tp, teacher_pred_name=class_names[tp], teacher_conf=float(t_conf[j]),
-                    student_pred=sp, student_pred_name=class_names[sp], student_conf=float(s_conf[j]),
-                    group=_group(label, tp, sp), divergence=float(divergence[j])))
+            rows.extend(_score(teacher, teacher_meta, t_layout, student, student_meta, s_layout, images,
+                               [batch[i][1] for i in kept], [str(batch[i][0]) for i in kept], class_names))
         if progress is not None:
             progress(min(start + batch_size, total), total)
-    counts = {g: sum(r.group == g for r in rows) for g in GROUPS}
-    return ScanResult(rows=tuple(rows), class_names=class_names, counts=counts, skipped=tuple(skipped))
+    return _result(rows, class_names, skipped)
+
+
+def _split_paths(data: ImageTensors) -> list[str]:
+    """Each image's file, in the order ``load_split`` decoded them; ``SOURCE:SPLIT/i`` for torchvision datasets.
+
+    Lists the folder as ``vitkd.data`` does (torchvision's ``find_classes`` + ``make_dataset``) and checks
+    the listing against the split's labels, so a folder changed since it was decoded is not mislabelled.
+    """
+    if not data.source.startswith("imagefolder:"):
+        return [f"{data.source}:{data.split}/{i}" for i in range(len(data))]
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    root = Path(data.source.split(":", 1)[1]).expanduser()
+    names = ("train",) if data.split == "train" else ("test", "val")
+    split_dir = next((root / n for n in names if (root / n).is_dir()), None)
+    try:
+        if split_dir is None:
+            raise FileNotFoundError(f"no {' or '.join(names)}/ subfolder")
+        classes, class_to_idx = find_classes(str(split_dir))
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMAGE_EXTENSIONS)
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"cannot list image folder {root} ({data.split}): {exc}") from exc
+    if tuple(classes) != data.class_names or [label for _, label in samples] != data.labels.tolist():
+        raise ConfigError(f"{split_dir} changed while it was being scanned ({len(samples)} files now, "
+                          f"{len(data)} decoded); run the scan again")
+    return [str(Path(path)) for path, _ in samples]
+
+
+def _check_data_classes(class_names: Sequence[str], data_names: Sequence[str], source: str, split: str) -> None:
+    if tuple(class_names) != tuple(data_names):
+        raise ConfigError(f"the models predict {names_preview(tuple(class_names))} but {source} {split} has "
+                          f"{names_preview(tuple(data_names))}: scan the data the models were trained on")
+
+
+def scan_data(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
+              student_meta: Mapping[str, Any], data: ImageTensors | str, split: str = "test",
+              batch_size: int = 1024, limit: int | None = None, cache_dir: str | Path | None = None,
+              progress: Callable[[int, int], None] | None = None) -> ScanResult:
+    """Classify every image of a split read from the decoded-image cache: what ``eval`` reads, no PIL per image.
+
+    ``data`` is a loaded split or a ``load_split`` source (``imagefolder:PATH``, ``cifar10``, ...; then
+    ``split`` picks train or test). A model whose ``img_size`` is not the loaded size gets the same
+    split loaded at its size. The data's class names must be the models', in order. Rows are in the
+    split's file order with the file path of each image; ``limit`` keeps evenly spaced images. Each
+    model is normalised with its own training mean/std and captured in cache-sized chunks;
+    ``progress(images done, total)`` is called after each batch of ``batch_size``.
+    """
+    class_names, t_layout, s_layout = _check_models(teacher, teacher_meta, student, student_meta)
+    _check_options(batch_size, limit)
+    if isinstance(data, str):
+        _check_data_classes(class_names, split_class_names(data, split, cache_dir), data, split)
+        data = load_split(data, split, model_img_size(teacher, teacher_meta), cache_dir, progress=False)
+    _check_data_classes(class_names, data.class_names, data.source, data.split)
+    by_size = {}
+    for size in {model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)}:
+        by_size[size] = data if data.images.shape[-1] == size else load_split(data.source, data.split, size,
+                                                                              cache_dir, progress=False)
+        if not torch.equal(by_size[size].labels, data.labels):
+            raise ConfigError(f"{data.source} {data.split} changed while it was being scanned; run the scan again")
+    paths = _split_paths(data)
+    keep = torch.tensor(_spread(len(data), limit), dtype=torch.long)
+    labels = data.labels[keep].tolist()
+    rows: list[ScanRow] = []
+    total = len(keep)
+    for start in range(0, total, batch_size):
+        idx = keep[start:start + batch_size]
+        images = {size: split_data.images[idx] for size, split_data in by_size.items()}
+        rows.extend(_score(teacher, teacher_meta, t_layout, student, student_meta, s_layout, images,
+                           labels[start:start + batch_size], [paths[i] for i in idx.tolist()], class_names))
+        if progress is not None:
+            progress(min(start + batch_size, total), total)
+    return _result(rows, class_names)
+
+
+def cached_split_of(folder: str | Path) -> tuple[str, str] | None:
+    """``(source, split)`` when ``load_split(source, split)`` reads exactly ``folder``, else None.
+
+    That is ``ROOT/train`` (split train), ``ROOT/test``, and ``ROOT/val`` when ``ROOT`` has no ``test``.
+    """
+    folder = Path(folder)
+    root = folder.parent
+    if not folder.is_dir() or folder.name not in ("train", "test", "val"):
+        return None
+    if folder.name == "val" and (root / "test").is_dir():
+        return None
+    return f"imagefolder:{root}", "train" if folder.name == "train" else "test"
+
+
+def scan_folder(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
+                student_meta: Mapping[str, Any], folder: str | Path, labels: Mapping[str, str | int] | None = None,
+                limit: int | None = None, cache_dir: str | Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ScanResult:
+    """``scan_data`` when ``folder`` is a split ``load_split`` reads whose classes are the models', else ``scan_split``.
+
+    So a data root's split gives the rows ``python -m vitkd scan --data imagefolder:ROOT`` gives. A split
+    that cannot be cached (a file the decoder rejects, an unwritable cache) is scanned file by file,
+    which lists the files it skipped.
+    """
+    source = cached_split_of(folder) if labels is None else None
+    if source is not None:
+        class_names = _check_models(teacher, teacher_meta, student, student_meta)[0]
+        try:
+            if split_class_names(*source, cache_dir=cache_dir) == class_names:
+                data = load_split(*source, model_img_size(teacher, teacher_meta), cache_dir, progress=False)
+                return scan_data(teacher, teacher_meta, student, student_meta, data, limit=limit,
+                                 cache_dir=cache_dir, progress=progress)
+        except (ConfigError, OSError):
+            pass  # not cacheable as it is: the per-image path reports what is wrong, file by file
+    return scan_split(teacher, teacher_meta, student, student_meta, folder, labels=labels, limit=limit,
+                      progress=progress)
+
+
+def scan_checkpoints(teacher_path: str | Path, student_path: str | Path, data: str, split: str = "test",
+                     limit: int | None = None, batch_size: int = 1024, device: str = "auto",
+                     cache_dir: str | Path | None = None) -> ScanResult:
+    """``scan_data`` on two checkpoint files (what ``python -m vitkd scan`` runs)."""
+    from .train import resolve_device
+
+    dev = resolve_device(device)
+    teacher, teacher_meta = load_checkpoint(teacher_path, device=dev)
+    student, student_meta = load_checkpoint(student_path, device=dev)
+    return scan_data(teacher, teacher_meta, student, student_meta, data, split=split, batch_size=batch_size,
+                     limit=limit, cache_dir=cache_dir)
 
 
 def split_folders(root: str | Path) -> list[Path]:

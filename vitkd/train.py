@@ -27,7 +27,7 @@ from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from .attention import CaptureModule, TokenLayout, capture_attention, token_layout
-from .checkpoint import load_checkpoint, read_checkpoint_meta
+from .checkpoint import checkpoint_architecture, load_checkpoint, read_checkpoint_meta
 from .compiling import CompiledOrEager
 from .data import AUGMENT_POLICIES, ImageTensors, iterate_batches, load_split, num_batches
 from .distill import (
@@ -41,9 +41,9 @@ from .distill import (
     logit_distillation_loss,
     per_sample_attention_loss,
 )
-from .errors import CheckpointError, ConfigError, IncompatibleModelsError, VitkdError
+from .errors import ConfigError, IncompatibleModelsError, VitkdError
 from .headmap import HeadMap, parse_head_map
-from .models import ModelConfig, build_model, count_parameters, default_img_size, has_distillation_token
+from .models import build_model, count_parameters, default_img_size, has_distillation_token
 from .resample import check_resamplable, resample_attention, token_resample_matrix
 from .rundir import RunDir
 
@@ -313,13 +313,8 @@ def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
     if config.teacher is None:
         return None
     teacher_meta = read_checkpoint_meta(config.teacher)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            teacher = build_model(ModelConfig.from_dict(teacher_meta["model"]))
-    except VitkdError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{config.teacher}: cannot rebuild the teacher from its metadata ({exc})") from exc
+    with torch.random.fork_rng(devices=[]):  # whitelisted metadata, meta device, checked against the header
+        teacher = checkpoint_architecture(config.teacher, teacher_meta)
     token_layout(teacher), token_layout(student)  # both must be ViTs vitkd can capture
     _check_teacher_input(teacher, student)
     if config.head_map is not None:  # the attention term compares maps: their tokens must line up

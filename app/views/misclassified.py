@@ -1,12 +1,15 @@
 """Misclassifications: scan a split with the selected teacher and student, group images by who got them right.
 
-Widgets only; the scan is ``vitkd.scan.scan_split``. Splits come from the server's configured
-data roots (never a path typed in the browser). A scan is cached per (model file versions,
+Widgets only; the scan is ``vitkd.scan.scan_folder``: a data root's split (``ROOT/test``) is read from
+the decoded-image cache, as ``python -m vitkd scan --data imagefolder:ROOT`` reads it (same rows),
+and any other folder file by file. Splits come from the server's configured data roots (never a
+path typed in the browser). A scan is cached per (model file versions,
 folder version, limit), so coming back to a split is instant. Per-user state: ``misc_*`` keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +19,7 @@ import streamlit as st
 from app import common
 from vitkd.errors import VitkdError
 from vitkd.pairs import ModelPair
-from vitkd.scan import GROUP_TITLES, GROUPS, ScanResult, ScanRow, scan_split, split_folders
+from vitkd.scan import GROUP_TITLES, GROUPS, ScanResult, ScanRow, scan_folder, split_folders
 
 GALLERY_COLUMNS = 6
 GALLERY_MAX = 36  # thumbnails per group; the table and the CSV hold every image
@@ -40,7 +43,8 @@ def split_choices(config: common.ServerConfig,
             continue
         for folder in split_folders(root):
             label = root.name if folder == root else f"{root.name}/{folder.name}"
-            choices[f"{label}  ({folder})"] = (str(folder), None)
+            shown = common.display_path(folder)
+            choices[label if shown == label else f"{label}  ({shown})"] = (str(folder), None)
     return choices
 
 
@@ -55,7 +59,7 @@ def folder_version(folder: str) -> tuple[int, ...]:
 @st.cache_data(max_entries=16, show_spinner=False)
 def scan_cached(pair_key: str, folder: str, version: tuple[int, ...], labels_json: str | None, limit: int,
                 _pair: ModelPair) -> ScanResult:
-    """``scan_split`` once per (model file versions, folder version, labels, limit); models are passed unhashed.
+    """``scan_folder`` once per (model file versions, folder version, labels, limit); models are passed unhashed.
 
     The progress bar is created here so a cache hit replays it (it ends empty) instead of failing.
     """
@@ -65,8 +69,8 @@ def scan_cached(pair_key: str, folder: str, version: tuple[int, ...], labels_jso
         bar.progress(done / max(1, total), text=f"Scanned {done} of {total} images")
 
     labels = json.loads(labels_json) if labels_json else None
-    result = scan_split(_pair.teacher, _pair.teacher_meta, _pair.student, _pair.student_meta, folder,
-                        labels=labels, limit=limit, progress=progress)
+    result = scan_folder(_pair.teacher, _pair.teacher_meta, _pair.student, _pair.student_meta, folder,
+                         labels=labels, limit=limit, progress=progress)
     bar.empty()
     return result
 
@@ -79,12 +83,19 @@ def _short_name(path: str, folder: str) -> str:
         return Path(path).name
 
 
-def table(result: ScanResult, folder: str) -> list[dict[str, object]]:
+def table(result: ScanResult, folder: str) -> tuple[list[dict[str, object]], list[ScanRow]]:
+    """Table records (image named inside the folder, never by its server path) and their rows, same order."""
     rows = sorted(result.rows, key=lambda r: r.divergence, reverse=True)
     return [{"image": _short_name(r.path, folder), "true": r.label_name, "teacher": r.teacher_pred_name,
              "teacher p": round(r.teacher_conf, 4), "student": r.student_pred_name,
              "student p": round(r.student_conf, 4), "group": GROUP_TITLES[r.group],
-             "attention JS (bits)": round(r.divergence, 5), "path": r.path} for r in rows]
+             "attention JS (bits)": round(r.divergence, 5)} for r in rows], rows
+
+
+def browser_csv(result: ScanResult, folder: str) -> str:
+    """The scan's CSV with each image named inside the scanned folder (no server path reaches the browser)."""
+    rows = tuple(dataclasses.replace(r, path=_short_name(r.path, folder)) for r in result.rows)
+    return dataclasses.replace(result, rows=rows).to_csv()
 
 
 def open_row(row: ScanRow) -> None:
@@ -109,13 +120,14 @@ def show_gallery(result: ScanResult) -> None:
             rows = rows[:GALLERY_MAX]
             for start in range(0, len(rows), GALLERY_COLUMNS):
                 cols = st.columns(GALLERY_COLUMNS)
-                for col, row in zip(cols, rows[start:start + GALLERY_COLUMNS], strict=False):
+                for offset, (col, row) in enumerate(zip(cols, rows[start:start + GALLERY_COLUMNS], strict=False)):
                     with col:
+                        esc = common.escape_markdown
                         st.image(row.path, width=THUMB,
-                                 caption=f"{row.label_name}: T {row.teacher_pred_name} {row.teacher_conf:.0%}, "
-                                         f"S {row.student_pred_name} {row.student_conf:.0%}, "
-                                         f"JS {row.divergence:.3f}")
-                        if st.button("Explore", key=f"misc_open_{group}_{row.path}", width="stretch"):
+                                 caption=f"{esc(row.label_name)}: T {esc(row.teacher_pred_name)} "
+                                         f"{row.teacher_conf:.0%}, S {esc(row.student_pred_name)} "
+                                         f"{row.student_conf:.0%}, JS {row.divergence:.3f}")
+                        if st.button("Explore", key=f"misc_open_{group}_{start + offset}", width="stretch"):
                             open_row(row)
 
 
@@ -142,7 +154,7 @@ def main() -> None:
                                help="Splits of the server's configured data roots; class names must be the "
                                     "models' classes.")
     limit = cols[1].number_input("Limit", min_value=1, max_value=1_000_000, value=1000, step=100, key="misc_limit",
-                                 help="Scan at most this many images (in file order).")
+                                 help="Scan at most this many images, evenly spaced over the split in file order.")
     folder, labels_json = choices[choice]
     request = (status.key, folder, labels_json, int(limit))
     if cols[2].button("Scan", type="primary", width="stretch"):
@@ -153,11 +165,12 @@ def main() -> None:
     try:
         result = scan_cached(status.key, folder, folder_version(folder), labels_json, int(limit), status.pair)
     except (VitkdError, OSError) as exc:
-        st.error(str(exc))
+        st.error(common.escape_markdown(common.redact_paths(str(exc))))
         return
     if result.skipped:
         with st.expander(f"{len(result.skipped)} files could not be read and were skipped"):
-            st.dataframe([{"file": p, "reason": why} for p, why in result.skipped], hide_index=True)
+            st.dataframe([{"file": _short_name(p, folder), "reason": common.redact_paths(why)}
+                          for p, why in result.skipped], hide_index=True)
     if not result.rows:
         st.warning("No image could be classified.")
         return
@@ -170,15 +183,14 @@ def main() -> None:
 
     st.subheader("All images")
     st.caption("Sorted by attention divergence; click a column to re-sort, select a row to open it in Explore.")
-    records = table(result, folder)
+    records, ordered = table(result, folder)
     selection = st.dataframe(records, hide_index=True, on_select="rerun", selection_mode="single-row",
-                             key="misc_table", column_config={"path": None})
-    st.download_button("Download CSV", result.to_csv(), "misclassifications.csv", "text/csv", on_click="ignore",
-                       key="misc_csv")
+                             key="misc_table")
+    st.download_button("Download CSV", browser_csv(result, folder), "misclassifications.csv", "text/csv",
+                       on_click="ignore", key="misc_csv")
     picked = selection.selection.rows if selection is not None else []
     if picked:
-        by_path = {r.path: r for r in result.rows}
-        open_row(by_path[str(records[picked[0]]["path"])])
+        open_row(ordered[picked[0]])
 
     st.subheader("By group")
     show_gallery(result)

@@ -20,30 +20,35 @@ from vitkd.distill import GATES, LOSS_KINDS
 from vitkd.errors import VitkdError
 from vitkd.headmap import parse_head_map
 from vitkd.jobs import (
+    DOWNLOADABLE_SOURCES,
     Job,
     JobStatus,
     active_job,
     cancel_job,
     checkpoint_shape,
     config_to_args,
-    folder_class_names,
     job_status,
     list_jobs,
     matching_student_presets,
     preset_shape,
     resume_job,
+    source_class_names,
     start_job,
-    training_roots,
+    training_sources,
 )
-from vitkd.models import PRESETS
+from vitkd.models import DISTILLED_PRESETS, PRESETS
 
 MODES = {"distill": "Distil a student from a teacher", "train": "Train on labels only (baseline or teacher)"}
+DOWNLOAD_LABELS = {"cifar10": "CIFAR-10 (torchvision, downloaded on first use, 170 MB)",
+                   "cifar100": "CIFAR-100 (torchvision, downloaded on first use, 170 MB)"}
 HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
 
-- `encoder`: student block j follows an evenly spaced teacher block, head h follows teacher head h;
-  `encoder[0,2,4,6]` picks the teacher heads (one per student head).
-- `block:5->3;4->2`: the listed block pairs, all heads; `block:5->3[0,2,4,6]` picks the teacher heads.
-- `head:5.0->3.1;5.2->3.0`: single heads, `teacher_block.head->student_block.head`.
+- `encoder`: student block j follows an evenly spaced teacher block; with fewer student heads each
+  student head follows the mean of an even group of teacher heads (8 -> 4: {0,1}, {2,3}, ...);
+  `encoder[0,2,4,6]` picks one teacher head per student head.
+- `block:5->3;4->2`: the listed block pairs, heads grouped the same way; `block:5->3[0,2,4,6]` picks the heads.
+- `head:5.0->3.1;5.2->3.0`: single heads, `teacher_block.head->student_block.head`; `head:5.{0,1}->3.0`
+  makes a student head follow the mean of teacher heads 0 and 1.
 """
 STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
@@ -65,14 +70,21 @@ def curves(status: JobStatus) -> go.Figure:
     return fig
 
 
-def _log_tail(job: Job, lines: int = 20) -> str:
+def _log_tail(job: Job, config: common.ServerConfig, lines: int = 20) -> str:
+    """The log's last lines, server paths named as the browser may see them."""
     try:
-        return "\n".join(job.log_path.read_text(errors="replace").splitlines()[-lines:])
+        tail = job.log_path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return ""
+    return "\n".join(common.redact_paths(line, config) for line in tail)
+
+
+def _shown_command(args: list[str] | tuple[str, ...], config: common.ServerConfig) -> str:
+    return common.redact_paths("python -m vitkd " + " ".join(args), config)
 
 
 def show_job(job: Job, status: JobStatus) -> None:
+    config = common.server_config()
     st.markdown(f"{STATE_ICONS[status.state]} **{job.name}**: {status.state} (`{job.command}`, started "
                 f"{_format_time(job.started)})")
     if status.running:
@@ -87,18 +99,19 @@ def show_job(job: Job, status: JobStatus) -> None:
                    f"`{job.name}/{job.checkpoint.name}` is now in the sidebar model picker.")
     else:
         cancelled = status.state == "cancelled"
+        message = common.escape_markdown(common.redact_paths(status.message, config))
         if cancelled:
-            text = f"Cancelled: {status.message}." if status.message else "Cancelled."
+            text = f"Cancelled: {message}." if status.message else "Cancelled."
         else:
-            text = f"Failed: {status.message or 'the process ended without finishing'}"
+            text = f"Failed: {message or 'the process ended without finishing'}"
         if status.resumable:
             text += (f" {status.committed_epoch} of {status.epochs} epochs are committed: **Resume** continues "
-                     f"after epoch {status.committed_epoch} (or run `python -m vitkd {' '.join(job.resume_args)}`).")
+                     f"after epoch {status.committed_epoch} (or run `{_shown_command(job.resume_args, config)}`).")
         (st.warning if cancelled else st.error)(text)
     if status.metrics:
         st.plotly_chart(curves(status), key=f"train_curves_{job.name}", config={"displayModeBar": False})
     with st.expander("Log"):
-        st.code(_log_tail(job) or "(empty)", language=None)
+        st.code(_log_tail(job, config) or "(empty)", language=None)
 
 
 def _format_time(timestamp: float) -> str:
@@ -165,9 +178,10 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                                 key="train_teacher")
     teacher = teachers[teacher_path]
     try:
-        t_shape = checkpoint_shape(teacher.meta)
+        t_shape = checkpoint_shape(teacher.meta, teacher.path)
     except VitkdError as exc:
-        st.error(f"Cannot read the teacher's architecture: {exc}")
+        st.error("Cannot read the teacher's architecture: "
+                 + common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
         return None, []
     presets = matching_student_presets(t_shape)
     if not presets:
@@ -181,8 +195,11 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                                 help=f"Presets with the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid, "
                                      f"trained at the teacher's {t_shape.img_size} px input.")
     s_shape = preset_shape(student, t_shape.img_size)
+    deit = student in DISTILLED_PRESETS
     cols[1].caption(f"Teacher: {t_shape.depth} blocks x {t_shape.num_heads} heads. "
-                    f"Student: {s_shape.depth} blocks x {s_shape.num_heads} heads.")
+                    f"Student: {s_shape.depth} blocks x {s_shape.num_heads} heads"
+                    + (" and a distillation token: it trains with DeiT hard-label distillation (`--kd deit-hard`), "
+                       "its maps without the distillation token." if deit else "."))
     head_map = st.text_input("Head map", value="encoder", key="train_head_map", help=HEAD_MAP_HELP)
     problems = []
     try:
@@ -191,7 +208,7 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
         st.caption(f":green[Valid head map, {len(parsed.pairs)} head pairs:] "
                    + (description if len(description) < 400 else description[:400] + "..."))
     except VitkdError as exc:
-        st.error(f"Head map: {exc}")
+        st.error(f"Head map: {common.escape_markdown(exc)}")
         problems.append("fix the head map")
     cols = st.columns(3)
     loss = cols[0].selectbox("Attention loss", list(LOSS_KINDS), index=list(LOSS_KINDS).index("kl"), key="train_loss")
@@ -201,11 +218,13 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                              help="teacher-correct: distil attention only on images the teacher classifies right")
     fields = {"model": student, "teacher": teacher_path, "head_map": head_map, "loss": loss, "alpha": float(alpha),
               "gate": gate, "img_size": t_shape.img_size}
+    if deit:
+        fields["kd"] = "deit-hard"
     return fields, problems
 
 
 def train_fields() -> dict[str, Any]:
-    presets = list(PRESETS)
+    presets = [p for p in PRESETS if p not in DISTILLED_PRESETS]  # a distillation token needs a teacher
     common.ensure_choice("train_model", presets, "cifar-student" if "cifar-student" in presets else presets[0])
     model = st.selectbox("Model preset", presets, key="train_model")
     shape = preset_shape(model)
@@ -218,50 +237,59 @@ def main() -> None:
     st.title("Train")
     config = common.server_config()
     if not config.training_enabled:
-        st.info("Training from the browser is disabled on this server. Train with `python -m vitkd train|distill` "
-                "or start the server with `VITKD_ENABLE_TRAINING=1` (or `-- --enable-training`).")
+        st.info("Training from the browser is off on this server: by default only a server bound to this machine "
+                "(`make run`, `--server.address=127.0.0.1`) trains, since a run starts processes on it. Train with "
+                "`python -m vitkd train|distill`, or start the server with `VITKD_ENABLE_TRAINING=1` "
+                "(or `-- --enable-training`).")
         return
     st.subheader("Current run")
     job_panel(config.runs_dir)
     running = active_job(config.runs_dir)
 
     st.subheader("New run")
-    roots = training_roots(config.data_roots)
-    if not roots:
-        st.info("No data root with `train/` and `test/` (or `val/`) class folders is configured. Start the server "
-                "with `VITKD_DATA_ROOTS=DIR` or `-- --data-root DIR`.")
+    sources = training_sources(config.data_roots, downloads=common.network_available())
+    if not sources:
+        st.info("No training data: no data root with `train/` and `test/` (or `val/`) class folders is configured, "
+                "and this server cannot download CIFAR-10/100 (no network). Start the server with "
+                "`VITKD_DATA_ROOTS=DIR` or `-- --data-root DIR` (DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg).")
         return
+    if not any(source in DOWNLOADABLE_SOURCES for source in sources):
+        st.caption("CIFAR-10/100 downloads are not offered: this server has no network.")
     mode = st.radio("Run", list(MODES), format_func=MODES.__getitem__, horizontal=True, key="train_mode")
     teachers = teacher_choices()
     if mode == "distill":
         fields, problems = distill_fields(teachers)
     else:
         fields, problems = train_fields(), []
-    root_names = {str(r): f"{r.name}  ({r})" for r in roots}
-    common.ensure_choice("train_data", list(root_names), next(iter(root_names)))
+    source_names = {s: DOWNLOAD_LABELS.get(s) or common.display_path(s.split(":", 1)[1], config) for s in sources}
+    common.ensure_choice("train_data", sources, sources[0])
     cols = st.columns(3)
-    data_root = cols[0].selectbox("Dataset", list(root_names), format_func=root_names.__getitem__, key="train_data")
+    source = cols[0].selectbox("Dataset", sources, format_func=source_names.__getitem__, key="train_data")
     epochs = cols[1].number_input("Epochs", 1, 1000, 10, key="train_epochs")
     batch_size = cols[2].number_input("Batch size", 1, 4096, 128, key="train_batch_size")
     if fields is not None and fields.get("teacher"):
         teacher_classes = (teachers[fields["teacher"]].meta or {}).get("class_names")
-        data_classes = folder_class_names(data_root)
-        if teacher_classes and list(teacher_classes) != data_classes:
-            st.error(f"The teacher was trained on classes {', '.join(teacher_classes[:8])}"
+        data_classes = source_class_names(source)
+        if teacher_classes and data_classes is not None and list(teacher_classes) != data_classes:
+            shown = common.escape_markdown(", ".join(teacher_classes[:8]))
+            st.error(f"The teacher was trained on classes {shown}"
                      f"{'...' if len(teacher_classes) > 8 else ''}, but this dataset has "
-                     f"{', '.join(data_classes[:8]) or 'none'}{'...' if len(data_classes) > 8 else ''}.")
+                     f"{common.escape_markdown(', '.join(data_classes[:8])) or 'none'}"
+                     f"{'...' if len(data_classes) > 8 else ''}.")
             problems.append("pick the teacher's dataset")
     args: list[str] | None = None
     if fields is not None:
-        run_config = dict(fields, data=f"imagefolder:{data_root}", epochs=int(epochs), batch_size=int(batch_size))
+        run_config = dict(fields, data=source, epochs=int(epochs), batch_size=int(batch_size))
+        if source in DOWNLOADABLE_SOURCES:
+            run_config["download"] = True
         try:
             args = config_to_args(run_config)
         except VitkdError as exc:
-            st.error(str(exc))
+            st.error(common.escape_markdown(common.redact_paths(str(exc), config)))
             problems.append(str(exc))
     if args is not None:
         with st.expander("Command line"):
-            st.code("python -m vitkd " + " ".join(args) + " --out RUN_DIR", language="bash", wrap_lines=True)
+            st.code(_shown_command(args, config) + " --out RUN_DIR", language="bash", wrap_lines=True)
     if running is not None:
         st.caption(f"Run **{running.name}** is in progress; one run at a time per server.")
     start = st.button("Start training", type="primary", key="train_start",
@@ -270,7 +298,7 @@ def main() -> None:
         try:
             job = start_job(config.runs_dir, run_config, name=f"{mode}-{fields['model']}")
         except VitkdError as exc:
-            st.error(str(exc))
+            st.error(common.escape_markdown(common.redact_paths(str(exc), config)))
             return
         st.session_state["train_seen"] = (job.name, "running")
         st.rerun()
