@@ -12,8 +12,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +30,20 @@ from vitkd.analysis import ImageAnalysis, ModelAnalysis, analyze_pair, class_rol
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import VitkdError
 from vitkd.headmap import HeadMap
-from vitkd.images import DEFAULT_MAX_PIXELS, load_image
+from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image
 from vitkd.pairs import ModelPair, check_pair, model_summary
 from vitkd.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_CHECKPOINTS = REPO_ROOT / "checkpoints"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# Labelled image folders bundled with the repository (scripts/make_samples.py): the Misclassifications
+# page scans them with no configuration. A data root each, after the configured ones.
+SAMPLES_DIR = REPO_ROOT / "samples"
+SAMPLE_ROOTS = ("cifar10", "imagenette")
 DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "app"
+# Addresses that only this machine can reach: a server bound to one of them may train from the browser.
+LOCAL_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 TEACHER_KEY, STUDENT_KEY = "vitkd_teacher", "vitkd_student"
 EXPLORE_IMAGE_KEY = "explore_image"  # {"name": str, "bytes": bytes, "label": int | None}: open it in Explore
@@ -54,8 +63,9 @@ class ServerConfig:
 
     Args:
         checkpoint_dirs: folders searched for ``*.safetensors`` checkpoints (bundled ``checkpoints/`` first).
-        data_roots: image folders pages may read (configured ones, then the bundled examples).
-        training_enabled: whether the browser may start training runs.
+        data_roots: image folders pages may read (configured ones, then the bundled samples and examples).
+        training_enabled: whether the browser may start training runs (by default only a server bound to a
+            local address, see ``parse_server_config``).
         runs_dir: where browser-started runs write; each run folder's ``RunDir.last`` joins the model picker.
         max_upload_mb: Streamlit's ``server.maxUploadSize``.
         torch_threads: intra-op threads for analysis; 0 keeps torch's default. One is the default: the
@@ -82,13 +92,16 @@ def _unique(paths: Sequence[str | Path]) -> tuple[Path, ...]:
     return tuple(seen)
 
 
-def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upload_mb: int = 200) -> ServerConfig:
+def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upload_mb: int = 200,
+                        server_address: str | None = None) -> ServerConfig:
     """``ServerConfig`` from script arguments (after ``--``) and the environment; unknown arguments are ignored.
 
     Command line beats environment: ``--checkpoint-dir DIR`` / ``VITKD_CHECKPOINT_DIRS`` (os.pathsep-separated),
     ``--data-root DIR`` / ``VITKD_DATA_ROOTS``, ``--runs-dir`` / ``VITKD_RUNS_DIR``, ``--enable-training`` /
-    ``--disable-training`` / ``VITKD_ENABLE_TRAINING`` (default on; the Docker image sets 0),
-    ``--torch-threads N`` / ``VITKD_TORCH_THREADS`` (default 1; 0 keeps torch's default).
+    ``--disable-training`` / ``VITKD_ENABLE_TRAINING``, ``--torch-threads N`` / ``VITKD_TORCH_THREADS``
+    (default 1; 0 keeps torch's default). Browser training is on by default only when ``server_address``
+    (Streamlit's ``server.address``) is a local one (``LOCAL_ADDRESSES``, what ``make run`` binds); a server
+    bound to every interface (no address, ``0.0.0.0``: the Docker image) trains only when enabled explicitly.
     """
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--checkpoint-dir", action="append", default=[])
@@ -102,7 +115,8 @@ def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upl
     except SystemExit:  # e.g. a flag without its value: fall back to the environment alone
         args, _ = parser.parse_known_args([])
     env_training = environ.get("VITKD_ENABLE_TRAINING", "").strip().lower()
-    training = env_training not in _FALSE if env_training in _FALSE | _TRUE else True
+    local = (server_address or "").strip().lower() in LOCAL_ADDRESSES
+    training = env_training not in _FALSE if env_training in _FALSE | _TRUE else local
     if args.enable_training:
         training = True
     if args.disable_training:
@@ -113,7 +127,8 @@ def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upl
     return ServerConfig(
         checkpoint_dirs=_unique([BUNDLED_CHECKPOINTS, *args.checkpoint_dir,
                                  *_split_paths(environ.get("VITKD_CHECKPOINT_DIRS"))]),
-        data_roots=_unique([*args.data_root, *_split_paths(environ.get("VITKD_DATA_ROOTS")), EXAMPLES_DIR]),
+        data_roots=_unique([*args.data_root, *_split_paths(environ.get("VITKD_DATA_ROOTS")),
+                            *(SAMPLES_DIR / name for name in SAMPLE_ROOTS), EXAMPLES_DIR]),
         training_enabled=training,
         runs_dir=Path(runs_dir).expanduser().absolute(),
         max_upload_mb=int(max_upload_mb),
@@ -123,7 +138,8 @@ def parse_server_config(argv: Sequence[str], environ: Mapping[str, str], max_upl
 
 def server_config() -> ServerConfig:
     """This server's configuration (cheap; re-read each run so tests can change the environment)."""
-    return parse_server_config(sys.argv[1:], os.environ, st.get_option("server.maxUploadSize"))
+    return parse_server_config(sys.argv[1:], os.environ, st.get_option("server.maxUploadSize"),
+                               st.get_option("server.address"))
 
 
 def apply_torch_threads(config: ServerConfig) -> None:
@@ -294,12 +310,30 @@ def image_key(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+# Full-resolution decodes at a time in this server: a 50-megapixel PNG needs ~200 MB while it decodes
+# (even though only a DISPLAY_SIDE copy is kept), so this bounds the server's peak memory.
+DECODE_SLOTS = 1
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def _decode_slots() -> threading.BoundedSemaphore:
+    """One semaphore per process, shared by every session (thread-safe by design)."""
+    return threading.BoundedSemaphore(DECODE_SLOTS)
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
-def decode_image(key: str, _data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None,
-                                                                                        str | None]:
-    """(RGB uint8 array, None) or (None, the ImageError message); cached by content digest ``key``."""
+def decode_image(key: str, _data: bytes, crop_size: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str | None]:
+    """(RGB uint8 array, None) or (None, the ImageError message); cached by content digest ``key``.
+
+    The array is never the full-resolution image: anything longer than ``DISPLAY_SIDE`` is decoded
+    straight to a copy ``DISPLAY_SIDE`` long (short side at least ``crop_size``, the model's input), which
+    is what the page shows and crops; smaller images are exactly what the training data path decodes.
+    """
     try:
-        return np.asarray(load_image(_data, max_pixels=max_pixels)), None
+        image = load_image(_data, max_pixels=max_pixels, max_side=DISPLAY_SIDE, crop_size=crop_size,
+                           decode_slot=_decode_slots())
+        return np.asarray(image), None
     except VitkdError as exc:
         return None, str(exc)
 
@@ -314,7 +348,27 @@ def analyze_cached(pair_key: str, key: str, true_label: int | None, _pair: Model
 @st.cache_data(max_entries=64, show_spinner="Computing class rollout...")
 def class_rollout_cached(pair_key: str, key: str, role: str, class_index: int, _model: torch.nn.Module,
                          _result: ModelAnalysis) -> np.ndarray:
-    return class_rollout(_model, _result.inputs, class_index)
+    return class_rollout(_model, _result.inputs, class_index, _result.tokens or None)
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def topk_figure_cached(pair_key: str, key: str, role: str, true_label: int | None,
+                       _result: ModelAnalysis) -> go.Figure:
+    """``topk_figure`` of one model on one image, built once and shared by every session (building a plotly
+    figure costs more than the whole analysis). Never mutate it: ``st.plotly_chart`` only serialises it."""
+    top = _result.top_k[0]
+    return topk_figure(_result, true_label, f"{role}: {top.name} ({top.prob:.1%})")
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def rendered(what: str, pair_key: str, key: str, settings: tuple[Any, ...], _render: Callable[[], Any]) -> Any:
+    """``_render()`` (PNG bytes, or tiles of PNG bytes and captions) run once per (what, pair file versions,
+    image digest ``key``, ``settings``) and shared by every session: an overlay is drawn and encoded once.
+
+    ``settings`` must hold everything the picture depends on besides the pair and the image (blocks, query
+    patch, opacity, colour map...). Entries are small (encoded images), so 128 of them stay in the tens of MB.
+    """
+    return _render()
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -345,6 +399,78 @@ def examples(class_names: Sequence[str] | None = None) -> list[Example]:
 
 # ----------------------------------------------------------------------------------------------- display helpers
 
+# Characters that start Markdown (CommonMark + GFM) syntax anywhere in a line: emphasis, strikethrough,
+# code, links and images (brackets), raw HTML and entities, tables, ``$`` math. Backslash-escaped; so is
+# ``_``, except inside a word (``cat_0001``), where CommonMark never reads it as emphasis.
+_MARKDOWN_INLINE = re.compile(r"[\\`*{}\[\]<>|~$&]|(?<![^\W_])_+|_+(?![^\W_])")
+# ... and what only matters at the start of a line (headings, lists, quotes, setext rules).
+_MARKDOWN_LINE_START = re.compile(r"^(\s*)(\d+(?=[.)])|(?=[#+\-=>]))")
+# Streamlit and GFM also rewrite the parsed text, where escapes no longer count: ``:material/icon:``, emoji
+# ``:name:`` and ``:color[...]`` directives, autolinks (``scheme://``, ``www.``, ``user@host``). A word joiner
+# (U+2060, invisible, no line break) after each colon and before each ``@`` and ``www``'s dot breaks them.
+_WORD_JOINER = "\u2060"
+_TEXT_TRIGGERS = re.compile(r"(?<=:)|(?=@)|(?i:(?<=www)(?=\.))")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./~-])/(?:[^\s/'\"`,;()]+/)+[^\s/'\"`,;()]*")
+
+
+def escape_markdown(text: object) -> str:
+    """``text`` shown literally wherever Streamlit renders Markdown (``st.markdown``, ``st.caption``,
+    ``st.error`` and friends, image captions, radio options): no emphasis, link, image, HTML, directive,
+    icon, emoji, ``$`` math or autolink is made from it. Markdown characters get CommonMark backslash
+    escapes, Streamlit's and GFM's text patterns an invisible word joiner; line breaks become spaces.
+    Letters, digits, ``.``, ``-``, ``/`` and spaces stay as they are (``cat-01.png`` is unchanged).
+    Not for code spans (backticks show backslashes)."""
+    flat = " ".join(str(text).splitlines())
+    escaped = _MARKDOWN_INLINE.sub(lambda m: "".join("\\" + c for c in m.group(0)), flat)
+    escaped = _TEXT_TRIGGERS.sub(_WORD_JOINER, escaped)
+    match = _MARKDOWN_LINE_START.match(escaped)
+    if match:  # "1. x" -> "1\. x", "# x" -> "\# x"
+        cut = match.end()
+        escaped = escaped[:cut] + "\\" + escaped[cut:]
+    return escaped
+
+
+def _named_roots(config: ServerConfig) -> list[Path]:
+    """Configured folders the browser may know by name, deepest first (so the closest one names a file)."""
+    roots = {Path(r) for r in (*config.checkpoint_dirs, config.runs_dir, *config.data_roots)}
+    roots |= {r.resolve() for r in roots}
+    return sorted(roots, key=lambda r: len(r.parts), reverse=True)
+
+
+def display_path(path: str | Path, config: ServerConfig | None = None) -> str:
+    """How the browser names a server path, never absolute: ``<configured folder's name>/<rest>`` inside a
+    configured folder, relative inside the repository, else ``.../<parent>/<name>``."""
+    config = config or server_config()
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    for root in _named_roots(config):
+        if p == root or p.is_relative_to(root):
+            return (Path(root.name) / p.relative_to(root)).as_posix()
+    if p.is_relative_to(REPO_ROOT):
+        return p.relative_to(REPO_ROOT).as_posix() or "."
+    return ".../" + "/".join(p.parts[-2:])
+
+
+def redact_paths(text: str, config: ServerConfig | None = None) -> str:
+    """``text`` (an error message, a log line) with every absolute path replaced by ``display_path``'s name."""
+    return _ABSOLUTE_PATH.sub(lambda m: display_path(m.group(0), config), str(text))
+
+
+def network_available(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float = 1.5) -> bool:
+    """Whether this server can reach the internet (CIFAR-10/100's download host), cached for ten minutes."""
+    return _reachable(host, port, timeout)
+
+
+@st.cache_data(ttl=600, max_entries=8, show_spinner=False)
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def format_count(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
 
@@ -374,8 +500,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ("Input", f"{summary['img_size'][0]} px, patch {summary['patch_size'][0]}"),
         ("Classes", str(len(summary["class_names"]))),
         ("Accuracy", format_accuracy(summary["accuracy"])),
-        ("Kind", f"{summary['kind']}" + (f", epoch {summary['epoch']}" if summary.get("epoch") else "")),
+        ("Kind", escape_markdown(summary["kind"]) + (f", epoch {summary['epoch']}" if summary.get("epoch") else "")),
     ]
+    if summary.get("recipe_text"):
+        rows.append(("Recipe", escape_markdown(summary["recipe_text"])))
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
@@ -387,7 +515,7 @@ def ensure_choice(key: str, options: Sequence[Any], default: Any) -> None:
 
 
 def _no_checkpoints_message(config: ServerConfig) -> str:
-    folders = ", ".join(f"`{d}`" for d in config.checkpoint_dirs)
+    folders = ", ".join(escape_markdown(display_path(d, config)) for d in config.checkpoint_dirs)
     return (f"No checkpoints found in {folders}. Train the bundled pair with "
             "`python -m vitkd experiment configs/cifar10.yaml` and copy its `last.safetensors` files into "
             "`checkpoints/`, or point the app at a folder of `.safetensors` checkpoints with "
@@ -413,13 +541,14 @@ def render_sidebar() -> PairStatus:
         sidebar.selectbox("Student", paths, format_func=labels.__getitem__, key=STUDENT_KEY)
     status = pair_status() if usable else PairStatus(None, None, None, None)
     if status.error:
-        sidebar.error(status.error)
+        sidebar.error(escape_markdown(redact_paths(status.error, config)))
     if status.pair is not None:
         pair = status.pair
-        sidebar.caption(f"Comparing **{status.teacher.label}** (teacher) with **{status.student.label}** "
-                        f"(student): {len(pair.class_names)} classes, {pair.img_size} px.")
+        sidebar.caption(f"Comparing **{escape_markdown(status.teacher.label)}** (teacher) with "
+                        f"**{escape_markdown(status.student.label)}** (student): {len(pair.class_names)} classes, "
+                        f"{pair.img_size} px.")
         for note in pair.notes:
-            sidebar.warning(note)
+            sidebar.warning(escape_markdown(note))
         with sidebar.expander("Teacher summary"):
             st.markdown(summary_markdown(model_summary(pair.teacher, pair.teacher_meta)))
         with sidebar.expander("Student summary", expanded=False):
@@ -432,7 +561,7 @@ def render_sidebar() -> PairStatus:
                 st.caption("No head map: a baseline student (not distilled) or one taught by another teacher.")
             taught_from = (pair.student_meta.get("teacher") or {}).get("path")
             if taught_from:
-                st.caption(f"Distilled from `{taught_from}`.")
+                st.caption(f"Distilled from {escape_markdown(display_path(taught_from, config))}.")
     elif status.teacher is not None:
         # The pair failed (incompatible or unreadable); still describe what loads so users see why.
         for role, entry in (("Teacher", status.teacher), ("Student", status.student)):
@@ -444,7 +573,8 @@ def render_sidebar() -> PairStatus:
                 st.markdown(summary_markdown(model_summary(model, meta)))
     broken = [e for e in entries if e.error is not None]
     for entry in broken:
-        sidebar.error(f"Skipped `{entry.label}`: {entry.error}")
+        reason = escape_markdown(redact_paths(entry.error or "", config))
+        sidebar.error(f"Skipped **{escape_markdown(entry.label)}**: {reason}")
     return status
 
 

@@ -3,6 +3,7 @@ images sent from other pages, model switches, broken checkpoints and incompatibl
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -96,6 +97,12 @@ def png_bytes(size=(40, 40), seed=0) -> bytes:
     return buf.getvalue()
 
 
+def open_tab(at: AppTest, label: str) -> AppTest:
+    """Select an Explore tab, as a click on it does (only the open tab is drawn)."""
+    at.session_state["explore_tab"] = label
+    return at.run()
+
+
 def main_errors(at: AppTest) -> list[str]:
     return [e.value for e in at.main.error]
 
@@ -122,34 +129,47 @@ def test_example_predictions_views_and_errors(app_env: Path):
     # Distilled-pair table equals the library's numbers for this image.
     pair = load_pair(app_env / "tiny-teacher.safetensors", app_env / "tiny-student-distilled.safetensors")
     ref = pair_divergences(analyze_pair(pair, load_image(first.path.read_bytes()), CIFAR.index(first.label)))
+    assert not at.dataframe  # only the open tab is drawn
+    open_tab(at, "Agreement")
     table = at.dataframe[0].value
     np.testing.assert_allclose(table["JS divergence (bits)"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
     assert list(table["student head"]) == [f"S{r['student_block']}.h{r['student_head']}" for r in ref]
 
     cat = next(e for e in common.examples() if e.label == "cat")
-    at.button(key=f"explore_ex_{cat.name}").click().run()
+    at.segmented_control(key="explore_example").set_value(cat.name).run()
     assert not at.exception
     assert any(f"**{cat.name}**" in c.value and "true class: **cat**" in c.value for c in at.caption)
     assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors",
                                                    cat.path.read_bytes())
 
     # Other views: fused heads, a query patch, another block, class rollout for a chosen class.
+    open_tab(at, "Head attention")
+    assert len(at.main.image) >= 2  # the head tiles (and the preview)
     at.segmented_control(key="explore_view").set_value("max").run()
     at.segmented_control(key="explore_query_kind").set_value("patch").run()
     at.selectbox(key="explore_sblock").set_value(0).run()
     assert at.selectbox(key="explore_tblock").value == 0  # follows the head map: S0 was taught by T0
     assert at.number_input(key="explore_qrow").value == 4  # the middle of the 8x8 grid
     at.number_input(key="explore_qrow").set_value(7).run()
+    open_tab(at, "Rollout")
     at.segmented_control(key="explore_target").set_value("chosen").run()
     teacher_top = chart_titles(at)[0].split(": ")[1].split(" (")[0]  # "Teacher: cat (12.3%)"
     assert at.selectbox(key="explore_class").value == CIFAR.index(teacher_top)  # defaults to its prediction
     at.selectbox(key="explore_class").set_value(5).run()
     assert not at.exception and main_errors(at) == [] and not at.warning
+    # Settings of a tab survive while another tab is open; the export tab offers the three files.
+    open_tab(at, "Export")
+    assert [b.label for b in at.get("download_button")] == ["Overlays (PNG)", "Numbers (JSON)", "Numbers (CSV)"]
+    open_tab(at, "Head attention")
+    assert at.segmented_control(key="explore_view").value == "max"
+    open_tab(at, "Rollout")
+    assert at.segmented_control(key="explore_target").value == "chosen" and at.selectbox(key="explore_class").value == 5
+    assert not at.exception and main_errors(at) == [] and not at.warning
 
 
 def test_model_switch_and_incompatible_pair(app_env: Path):
     # Switching the student in the sidebar re-analyses the image with the new pair.
-    at = start()
+    at = open_tab(start(), "Agreement")
     at.sidebar.selectbox(key=common.STUDENT_KEY).set_value(str(app_env / "tiny-student-baseline.safetensors")).run()
     assert not at.exception
     assert any("no head map" in i.value for i in at.info)
@@ -205,6 +225,74 @@ def test_bad_uploads_each_get_an_error_and_good_ones_still_work(app_env: Path):
     assert set(at.radio(key="explore_choice").options) == {"good.png", common.examples()[0].name}
 
 
+def test_uploads_past_the_session_cap_get_a_message(app_env: Path, monkeypatch: pytest.MonkeyPatch):
+    cap = 20  # app/views/explore.py MAX_UPLOADS
+    files = [(f"img{i:02d}.png", png_bytes((36, 36), seed=100 + i), "image/png") for i in range(cap + 3)]
+    decoded = []
+    monkeypatch.setattr(common, "load_image", lambda data, **kw: decoded.append(data) or load_image(data, **kw))
+    common.decode_image.clear()
+    at = start()
+    at.file_uploader(key="explore_uploads").set_value(files).run()
+    assert len(decoded) == 1 + cap  # the example on opening, then the first `cap` uploads only
+    assert not at.exception and main_errors(at) == []
+    warnings = [w.value for w in at.main.warning]
+    assert len(warnings) == 1, warnings
+    assert f"{cap + 3} images uploaded" in warnings[0] and f"at most {cap}" in warnings[0]
+    ignored = [name for name, _, _ in files[cap:]]
+    assert all(f"**{name}**" in warnings[0] for name in ignored)
+    # The first `cap` are opened (and only those are decoded); the newest of them is shown.
+    assert set(at.radio(key="explore_choice").options) == {name for name, _, _ in files[:cap]} | {
+        common.examples()[0].name}
+    assert any(f"**{files[cap - 1][0]}**" in c.value for c in at.caption)
+    # At the cap exactly: no message.
+    at.file_uploader(key="explore_uploads").set_value(files[:cap]).run()
+    assert not at.main.warning and not at.exception
+
+
+def test_display_changes_never_rerun_the_analysis(app_env: Path, monkeypatch: pytest.MonkeyPatch):
+    """Sliders, colour maps, blocks, query patch, views and tabs redraw from the one analysis of the image."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return analyze_pair(*args, **kwargs)
+
+    monkeypatch.setattr(common, "analyze_pair", counting)
+    common.analyze_cached.clear()
+    at = start()
+    at.file_uploader(key="explore_uploads").set_value([("a.png", png_bytes((48, 40), seed=9), "image/png")]).run()
+    assert not at.exception and len(calls) == 2  # the example on opening, then the upload
+    first_tiles = at.main.image[1].value
+    at.sidebar.slider(key="explore_alpha").set_value(0.9).run()
+    at.sidebar.selectbox(key="explore_cmap").set_value("viridis").run()
+    at.sidebar.radio(key="explore_scale").set_value("shared").run()
+    at.selectbox(key="explore_sblock").set_value(0).run()
+    at.segmented_control(key="explore_query_kind").set_value("patch").run()
+    at.segmented_control(key="explore_view").set_value("mean").run()
+    for tab in ("Rollout", "Agreement", "Export", "Head attention"):
+        open_tab(at, tab)
+    assert not at.exception and main_errors(at) == []
+    assert at.main.image[1].value != first_tiles  # the maps were redrawn with the new settings
+    assert len(calls) == 2, calls
+
+
+def test_overlays_are_rendered_once_and_shared_by_sessions(app_env: Path, monkeypatch: pytest.MonkeyPatch):
+    import vitkd.maps
+
+    calls = []
+    real = vitkd.maps.compare_heads
+    monkeypatch.setattr(vitkd.maps, "compare_heads", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    common.rendered.clear()
+    at = start()
+    assert len(calls) == 1
+    open_tab(at, "Rollout")
+    open_tab(at, "Head attention")
+    start()  # another session, same image and settings: served from the cache
+    assert len(calls) == 1
+    at.sidebar.selectbox(key="explore_cmap").set_value("viridis").run()
+    assert len(calls) == 2 and not at.exception
+
+
 def test_image_sent_from_another_page(app_env: Path):
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     data = png_bytes((36, 50), seed=3)
@@ -230,6 +318,19 @@ def test_no_checkpoints_gives_instructions(tmp_path: Path, monkeypatch: pytest.M
     assert not at.exception
     assert any("No checkpoints found" in i.value and "VITKD_CHECKPOINT_DIRS" in i.value for i in at.sidebar.info)
     assert any("compatible teacher and student" in i.value for i in at.main.info)
+
+
+def test_every_app_cache_is_bounded_by_entries():
+    """Each ``st.cache_data``/``st.cache_resource`` in app/ says how many entries it keeps (memory stays bounded)."""
+    unbounded = []
+    for path in sorted((APP.parent).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            bare = [d for d in getattr(node, "decorator_list", []) if isinstance(d, ast.Attribute)]  # @st.cache_data
+            calls = [node] if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else []
+            unbounded += [f"{path.name}:{d.lineno}" for d in bare if d.attr in ("cache_data", "cache_resource")]
+            unbounded += [f"{path.name}:{c.lineno}" for c in calls if c.func.attr in ("cache_data", "cache_resource")
+                          and not any(k.arg == "max_entries" for k in c.keywords)]
+    assert not unbounded, unbounded
 
 
 # --------------------------------------------------------------------------------------------- configuration

@@ -9,6 +9,8 @@ Skipped only outside CI when Chromium is missing; in CI (``CI=true``) a missing 
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -107,6 +109,16 @@ def test_upload_renders_predictions_and_maps(server, browser, tmp_path: Path) ->
         assert page.locator('[data-testid="stImage"] img').count() >= 8
         assert page.get_by_text("Student, block").count() >= 1
         page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+        # Exports are built when their button is clicked (deferred), by the server that shows the page.
+        page.get_by_role("tab", name="Export").click()
+        downloads = {}
+        for label in ("Overlays (PNG)", "Numbers (JSON)"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=label).click()
+            downloads[label] = Path(download.value.path()).read_bytes()
+        with Image.open(io.BytesIO(downloads["Overlays (PNG)"])) as png:
+            assert png.format == "PNG" and png.width >= 8 * 150  # a row of teacher head maps at least
+        assert json.loads(downloads["Numbers (JSON)"])["image"] == image.name
     finally:
         page.close()
 
@@ -135,3 +147,42 @@ def test_two_sessions_each_see_their_own_image(server, browser, tmp_path: Path) 
     finally:
         for context in contexts:
             context.close()
+
+
+def _rerun_requests(page) -> list[str]:
+    """Every script rerun the page asks the server for, as its fragment id ("" for a full run of the page)."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+
+    requests: list[str] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            msg = BackMsg.FromString(payload)
+            if msg.WhichOneof("type") == "rerun_script":
+                requests.append(msg.rerun_script.fragment_id)
+
+    page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    return requests
+
+
+def test_display_controls_rerun_only_their_fragment(server, browser, tmp_path: Path) -> None:
+    url, _ = server
+    image = _write_image(tmp_path / "upload-green.png", (40, 200, 40), seed=4)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        requests = _rerun_requests(page)
+        driver.open_app(page, url)
+        driver.start_upload(page, image)
+        driver.wait_for_image(page, image.name)
+        assert requests and requests[-1] == "", requests  # an upload reruns the whole page
+        requests.clear()
+        page.get_by_text("max of heads", exact=True).click()  # the heads tab's own control
+        page.get_by_text("max of heads", exact=False).nth(1).wait_for(timeout=60_000)  # a tile caption
+        driver.wait_idle(page)
+        page.get_by_text("patch", exact=True).click()  # a control of the whole analysis view
+        page.get_by_label("Row").wait_for(timeout=60_000)
+        driver.wait_idle(page)
+        _no_exception(page)
+        assert len(requests) >= 2 and all(requests), requests  # fragment reruns only, never the whole page
+    finally:
+        page.close()

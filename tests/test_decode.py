@@ -15,7 +15,7 @@ import vitkd.images
 from vitkd.data import load_split, normalize
 from vitkd.images import load_image, preprocess
 from vitkd.models import build_model
-from vitkd.scan import _open_rgb, _to_uint8, scan_split
+from vitkd.scan import _decode_resized, scan_split
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,9 +120,9 @@ def test_every_path_gives_the_same_uint8_crop(kinds, tmp_path: Path) -> None:
     for i, name in enumerate(names):
         path = root / "test" / name
         cached = split.images[i].permute(1, 2, 0).numpy()  # (a) training data
-        pil_images, kept, skipped = _open_rgb([path])  # (b) the scan
+        tensors, kept, skipped = _decode_resized([path], [SIZE])  # (b) the scan
         assert kept == [0] and not skipped
-        scanned = _to_uint8(pil_images, SIZE)[0].permute(1, 2, 0).numpy()
+        scanned = tensors[SIZE][0].permute(1, 2, 0).numpy()
         uploaded = preprocess(load_image(path), SIZE, split.mean, split.std).rgb  # (c) uploads
         assert cached.shape == (SIZE, SIZE, 3) and cached.dtype == np.uint8
         np.testing.assert_array_equal(scanned, cached, err_msg=f"scan vs training data: {name}")

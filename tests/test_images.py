@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image, ImageFile
 
 from vitkd.data import resize_center_crop
 from vitkd.errors import ImageError
-from vitkd.images import DEFAULT_MAX_PIXELS, load_image, preprocess, to_rgb
+from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image, preprocess, to_rgb
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -198,3 +199,72 @@ def test_preprocess_matches_training_crop_and_normalisation():
     np.testing.assert_allclose(tensor[0].permute(1, 2, 0).numpy(), by_hand, atol=1e-5)
     from_array = preprocess(np.asarray(image), 32, mean, std)
     torch.testing.assert_close(from_array.tensor, tensor)
+
+
+# --------------------------------------------------------------------------------------------- bounded decode
+
+def flat_rgb_png(width: int, height: int, color: tuple[int, int, int] = (40, 120, 200)) -> bytes:
+    """A valid flat RGB PNG written row by row: ~width*height/1000 bytes on disk, never built in memory."""
+    row = b"\x00" + bytes(color) * width  # filter byte + pixels
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour blobs plus noise: resampling differences show up, unlike on flat images."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
+    return np.clip(smooth + rng.normal(0, 10, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def test_big_compressible_upload_decodes_to_a_small_copy_with_bounded_memory():
+    data = flat_rgb_png(7000, 7000)  # 49 megapixels: 147 MB as an RGB array
+    assert len(data) < 300_000
+    tracemalloc.start()
+    try:
+        array = np.asarray(load_image(data, max_side=DISPLAY_SIDE, crop_size=32))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert array.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3) and array.dtype == np.uint8
+    np.testing.assert_array_equal(array[::97, ::97], np.broadcast_to((40, 120, 200), array[::97, ::97].shape))
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB traced while decoding"  # the full array would be 147 MB
+
+
+def test_bounded_decode_is_exact_for_images_that_fit_and_close_for_big_ones():
+    for size in ((40, 56), (300, DISPLAY_SIDE - 1), (DISPLAY_SIDE, 300)):  # at or below the display size
+        small = encode(Image.fromarray(photo(*size, seed=1)))
+        np.testing.assert_array_equal(pixels(load_image(small, max_side=DISPLAY_SIDE, crop_size=32)),
+                                      pixels(load_image(small)))
+    for fmt, size in (("PNG", (1800, 1200)), ("JPEG", (2400, 1500)), ("PNG", (1200, 1800))):
+        data = encode(Image.fromarray(photo(*size, seed=2)), fmt)
+        full, bounded = load_image(data), load_image(data, max_side=DISPLAY_SIDE, crop_size=32)
+        assert max(bounded.size) == DISPLAY_SIDE and bounded.size[0] / bounded.size[1] == pytest.approx(
+            size[0] / size[1], rel=0.01)
+        for crop in (32, 128, 224):  # what models see: within a few levels of the full-resolution crop
+            diff = np.abs(pixels(resize_center_crop(bounded, crop)) - pixels(resize_center_crop(full, crop)))
+            assert diff.max() <= 6 and diff.mean() < 0.6, (fmt, size, crop, diff.max(), diff.mean())
+
+
+def test_bounded_decode_keeps_modes_orientation_and_the_crop_side():
+    rgba = np.dstack([photo(1600, 1000, seed=3), np.full((1000, 1600), 128, np.uint8)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated clockwise: 1000 wide, 1600 high
+    cases = {
+        "rgba": encode(Image.fromarray(rgba, "RGBA")),
+        "exif-jpeg": encode(Image.fromarray(photo(1600, 1000, seed=4)), "JPEG", quality=95, exif=exif),
+        "palette": encode(Image.fromarray(photo(1600, 1000, seed=5)).convert("P")),
+        "grey16": encode(Image.fromarray(photo(1600, 1000, seed=6)[..., 0].astype(np.uint16) * 257)),
+    }
+    for name, data in cases.items():
+        full, bounded = load_image(data), load_image(data, max_side=DISPLAY_SIDE)
+        assert bounded.mode == "RGB" and max(bounded.size) == DISPLAY_SIDE, name
+        assert (bounded.size[0] > bounded.size[1]) == (full.size[0] > full.size[1]), name  # same orientation
+        diff = np.abs(pixels(resize_center_crop(bounded, 64)) - pixels(resize_center_crop(full, 64)))
+        assert diff.mean() < 2.0, (name, diff.mean())
+    # A very wide image keeps a short side of at least the crop size, so the model's crop is not upscaled.
+    wide = load_image(encode(Image.fromarray(photo(4000, 300, seed=7))), max_side=DISPLAY_SIDE, crop_size=224)
+    assert wide.size == (2987, 224)

@@ -3,16 +3,20 @@
 Training folders (``data``), scans (``scan``) and uploads (``images``) all call these, so one
 file gives one uint8 array on every path: first frame, EXIF orientation applied, alpha
 composited on white, 16-bit greyscale scaled to 8 bits, palette/CMYK/greyscale to RGB.
+``decode_rgb_bounded`` is the same decoder for images larger than what is shown (uploads): it
+never builds the full-resolution RGB copy, and gives ``decode_rgb``'s pixels for images that fit.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["DECODER_VERSION", "IMAGE_EXTENSIONS", "decode_rgb", "open_rgb", "to_rgb", "resize_center_crop"]
+__all__ = ["DECODER_VERSION", "IMAGE_EXTENSIONS", "decode_rgb", "decode_rgb_bounded", "open_rgb", "to_rgb",
+           "resize_center_crop"]
 
 # Part of every decode cache key: bump it whenever a change here changes any decoded pixel.
 DECODER_VERSION = 2
@@ -55,6 +59,39 @@ def decode_rgb(image: Image.Image) -> Image.Image:
     image.seek(0)  # first frame of a GIF / multi-frame file
     image.load()  # decode now: truncated data raises here
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def decode_rgb_bounded(image: Image.Image, max_side: int, min_short_side: int = 0,
+                       reducing_gap: float = 2.0) -> Image.Image:
+    """``decode_rgb`` to at most ``max_side`` pixels on the long side, reduced while decoding.
+
+    An image that fits (long side <= ``max_side``, or short side <= ``min_short_side``) is exactly
+    ``decode_rgb(image)``. A larger one comes out scaled so its long side is ``max_side``, or its
+    short side ``min_short_side`` when that is larger (so a centre crop of that size is never
+    upscaled), and is never held as full-resolution RGB: a JPEG is decoded at 1/2, 1/4 or 1/8
+    scale (``Image.draft``), other formats are shrunk by an integer factor (``Image.reduce``, as in
+    ``Image.thumbnail`` with ``reducing_gap``) before the bicubic resize and the conversion to RGB.
+    The pixels differ slightly from resizing ``decode_rgb``'s full-resolution result (a few levels
+    of 255 after ``resize_center_crop``). Palette and 1-bit images are converted first (resizing
+    them would pick nearest neighbours), 16-bit greyscale is resized without the integer reduction.
+    """
+    image.seek(0)  # first frame of a GIF / multi-frame file
+    width, height = image.size
+    scale = max(max_side / max(width, height), min_short_side / min(width, height))
+    if scale >= 1.0:
+        return decode_rgb(image)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # JPEG only (a no-op elsewhere): DCT scaling to the smallest size at least reducing_gap times the target.
+    image.draft(None, (math.ceil(target[0] * reducing_gap), math.ceil(target[1] * reducing_gap)))
+    image.load()  # decode now: truncated data raises here
+    stored = image.size
+    ImageOps.exif_transpose(image, in_place=True)  # no copy unless the image is rotated
+    if image.size != stored and stored[0] != stored[1]:
+        target = (target[1], target[0])
+    if image.mode in ("P", "PA", "1"):
+        image = to_rgb(image)
+    gap = None if image.mode in _SIXTEEN_BIT_MODES else reducing_gap  # Image.reduce has no 16-bit modes
+    return to_rgb(image.resize(target, Image.Resampling.BICUBIC, reducing_gap=gap))
 
 
 def open_rgb(path: str | Path) -> Image.Image:

@@ -4,10 +4,13 @@
 malicious file is rejected without allocating its pixels. Everything a user can get
 wrong raises ``ImageError`` with a message naming the problem. The pixels themselves come from
 ``vitkd.decode``, the decoder training data and scans use, so an upload is the image they see.
+With ``max_side`` (the app passes ``DISPLAY_SIDE``), a large image is decoded straight to a
+small copy (``decode_rgb_bounded``): memory follows what is shown, not what was uploaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import NamedTuple
@@ -17,13 +20,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data import normalize
-from .decode import decode_rgb, resize_center_crop, to_rgb
+from .decode import decode_rgb, decode_rgb_bounded, resize_center_crop, to_rgb
 from .errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "Preprocessed", "load_image", "to_rgb", "preprocess"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "DISPLAY_SIDE", "Preprocessed", "load_image", "to_rgb", "preprocess"]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: a large photo; ~150 MB decoded, still bounded
 MIN_SIDE = 8  # below this an image carries no usable content for a patch grid
+DISPLAY_SIDE = 512  # long side of the one copy the app keeps of an upload (it shows and crops from that)
 
 
 class Preprocessed(NamedTuple):
@@ -38,12 +42,21 @@ def _describe(source: bytes | str | Path) -> str:
 
 
 def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int = MIN_SIDE) -> Image.Image:
+               min_side: int = MIN_SIDE, *, max_side: int | None = None, crop_size: int = 0,
+               decode_slot: contextlib.AbstractContextManager | None = None) -> Image.Image:
     """Decode an image file or its bytes to an 8-bit RGB ``PIL.Image`` (EXIF orientation applied).
 
     Rejects, with ``ImageError``: empty files, non-images, truncated files, images with a side
     below ``min_side`` and images above ``max_pixels`` (checked from the header, before decoding).
     GIFs and other multi-frame files give their first frame.
+
+    Args:
+        max_side: when given, an image with a longer side is decoded straight to one whose long side
+            is ``max_side`` (``decode_rgb_bounded``), keeping its short side at least ``crop_size`` so the
+            model's centre crop is never upscaled. Images that fit decode exactly as without it.
+        crop_size: see ``max_side``.
+        decode_slot: entered around the pixel decode only (after the header checks), e.g. a semaphore
+            that bounds how many decodes run at once in a server.
     """
     what = _describe(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -73,7 +86,10 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise ImageError(f"{what} is {width}x{height} pixels; images need at least {min_side} pixels "
                              "on each side")
         try:
-            return decode_rgb(image)  # the decoder training data and scans use too
+            with decode_slot if decode_slot is not None else contextlib.nullcontext():
+                if max_side is None:
+                    return decode_rgb(image)  # the decoder training data and scans use too
+                return decode_rgb_bounded(image, max_side, crop_size)  # same pixels when the image fits
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{what} is too large to decode safely ({exc})") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -2,19 +2,29 @@
 
 Widgets only; every number and picture comes from ``vitkd.analysis`` through the cached
 wrappers in ``app.common``. Per-user state lives in ``st.session_state`` (keys ``explore_*``).
+
+Built to stay cheap with many users: uploads are decoded once, straight to a small copy
+(``common.decode_image``), and analysed once (``common.analyze_cached``). Everything drawn
+from one analysis (predictions, block and display controls, the tabs) is a ``st.fragment``,
+so changing one of its widgets reruns that part only, never the decode or the analysis;
+only the open tab and an open overview are drawn; every overlay is rendered and PNG-encoded
+once per (pair, image, settings) and shared by all sessions (``common.rendered``); exports
+are built only when downloaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any, TypeVar
 
 import numpy as np
 import streamlit as st
 
 from app import common
 from vitkd.agreement import head_divergence, pair_divergences
-from vitkd.analysis import ImageAnalysis, recompute_rollout
+from vitkd.analysis import ImageAnalysis, class_rollout, recompute_rollout
 from vitkd.export import analysis_to_csv, analysis_to_json
 from vitkd.images import DEFAULT_MAX_PIXELS
 from vitkd.maps import (
@@ -29,17 +39,24 @@ from vitkd.maps import (
     rollout_map,
     taught_by,
 )
-from vitkd.overlay import COLORMAPS
+from vitkd.overlay import COLORMAPS, encode_png
 from vitkd.pairs import ModelPair
 from vitkd.rollout import HEAD_FUSIONS
 
 TILE = 150  # px per head map
 PREVIEW = 200  # px of the analysed crop
+EXAMPLE = 64  # px per example thumbnail
+MAX_UPLOADS = 20  # uploads one session opens; more get a message instead of a decode each
+TABS = ("Head attention", "Rollout", "Agreement", "Export")
 FLAG_COLORS = {"agree": "blue", "disagree": "orange", "both-right": "green", "both-wrong": "red",
                "teacher-wrong": "orange", "student-wrong": "red"}
 SCALE_LABELS = {"map": "per map", "model": "per model", "shared": "shared by both models"}
 TARGET_LABELS = {"own": "each model's prediction", "true": "true class", "other": "the other model's prediction",
                  "chosen": "a chosen class"}
+
+# PNG bytes and captions of rendered tiles: what the page shows and the render cache keeps.
+PngTiles = tuple[tuple[bytes, str], ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,21 +69,53 @@ class ImageSource:
     label: int | None  # true class index under the current pair, when known
 
 
+@dataclass(frozen=True, eq=False)
+class Shown:
+    """The analysis on screen, the image's name, and what identifies them in the render cache."""
+
+    analysis: ImageAnalysis
+    pair: ModelPair
+    pair_key: str
+    image_key: str
+    name: str
+
+    def rendered(self, what: str, settings: tuple[Any, ...], render: Callable[[], T]) -> T:
+        """``render()`` once per (pair, image, ``what``, ``settings``) across sessions (``common.rendered``)."""
+        return common.rendered(what, self.pair_key, self.image_key, settings, render)
+
+
 # ----------------------------------------------------------------------------------------------- image input
 
-def _pick_example(name: str) -> None:
-    st.session_state["explore_example"] = name
-    st.session_state["explore_choice"] = f"example:{name}"
+def _pick_example() -> None:
+    st.session_state["explore_choice"] = f"example:{st.session_state['explore_example']}"
 
 
 def _on_upload() -> None:
-    files = st.session_state.get("explore_uploads") or []
-    if files:  # show the newest upload
+    files = (st.session_state.get("explore_uploads") or [])[:MAX_UPLOADS]
+    if files:  # show the newest upload this session opens
         st.session_state["explore_choice"] = f"upload:{files[-1].file_id}"
 
 
 def _label_index(pair: ModelPair, class_name: str | None) -> int | None:
     return pair.class_names.index(class_name) if class_name in pair.class_names else None
+
+
+def _too_many_uploads(count: int, ignored: Sequence[str]) -> str:
+    names = ", ".join(f"**{name}**" for name in ignored[:5]) + (f" and {len(ignored) - 5} more"
+                                                               if len(ignored) > 5 else "")
+    return (f"{count} images uploaded; a session opens at most {MAX_UPLOADS}. Not opened: {names}. "
+            "Remove uploads you are done with (x beside each file) to open others.")
+
+
+def _example_labels(examples: Sequence[common.Example]) -> dict[str, str]:
+    """File name -> its class, numbered when a class has several examples (a widget tells options by label)."""
+    counts: dict[str, int] = {}
+    labels = {}
+    for example in examples:
+        label = example.label or example.name
+        counts[label] = counts.get(label, 0) + 1
+        labels[example.name] = label if counts[label] == 1 else f"{label} {counts[label]}"
+    return labels
 
 
 def image_sources(pair: ModelPair, config: common.ServerConfig) -> list[ImageSource]:
@@ -85,22 +134,23 @@ def image_sources(pair: ModelPair, config: common.ServerConfig) -> list[ImageSou
             "Upload images", type=list(common.IMAGE_TYPES), accept_multiple_files=True, key="explore_uploads",
             on_change=_on_upload,
             help=f"PNG, JPEG, WebP, BMP or GIF; up to {config.max_upload_mb} MB and "
-                 f"{DEFAULT_MAX_PIXELS / 1e6:g} megapixels per file. Several files at once are fine.")
+                 f"{DEFAULT_MAX_PIXELS / 1e6:g} megapixels per file, {MAX_UPLOADS} files per session.")
         st.caption(f"Limit {config.max_upload_mb} MB per file. Images are resized (shorter side) and "
                    f"centre-cropped to {pair.img_size} px, as in training.")
-    with example_col:
-        st.markdown("**Or pick an example** (true class known)")
-        for row in range(0, len(examples), 6):
-            cols = st.columns(6)
-            for col, example in zip(cols, examples[row:row + 6], strict=False):
-                with col:
-                    st.image(str(example.path), width="stretch")
-                    st.button(example.label or example.name, key=f"explore_ex_{example.name}",
-                              on_click=_pick_example, args=(example.name,), width="stretch",
-                              type="primary" if example.name == st.session_state["explore_example"] else "secondary")
+        uploads = list(uploads or [])
+        if len(uploads) > MAX_UPLOADS:
+            st.warning(_too_many_uploads(len(uploads), [u.name for u in uploads[MAX_UPLOADS:]]))
+            uploads = uploads[:MAX_UPLOADS]
+    if examples:
+        with example_col:  # two elements, not a grid of them: every element costs each full run
+            labels = _example_labels(examples)
+            st.image([str(e.path) for e in examples], caption=[labels[e.name] for e in examples], width=EXAMPLE)
+            st.segmented_control("**Or pick an example** (true class known)", list(labels),
+                                 format_func=labels.__getitem__, required=True, key="explore_example",
+                                 on_change=_pick_example)
 
     sources: list[ImageSource] = []
-    for upload in uploads or []:
+    for upload in uploads:
         sources.append(ImageSource(f"upload:{upload.file_id}", upload.name, upload.getvalue(), None))
     sent = st.session_state.get("explore_sent")
     if sent:
@@ -115,11 +165,11 @@ def image_sources(pair: ModelPair, config: common.ServerConfig) -> list[ImageSou
     return sources
 
 
-def decoded_sources(sources: list[ImageSource]) -> list[tuple[ImageSource, np.ndarray]]:
-    """Decode every source; each bad file gets its own ``st.error`` and the others carry on."""
+def decoded_sources(sources: list[ImageSource], crop_size: int) -> list[tuple[ImageSource, np.ndarray]]:
+    """Decode every source (to a small copy, once per file); each bad file gets its own ``st.error``."""
     good = []
     for source in sources:
-        image, error = common.decode_image(common.image_key(source.data), source.data)
+        image, error = common.decode_image(common.image_key(source.data), source.data, crop_size)
         if error is not None:
             st.error(f"**{source.name}**: {error}")
         else:
@@ -136,22 +186,53 @@ def choose(good: list[tuple[ImageSource, np.ndarray]]) -> tuple[ImageSource, np.
     return good[keys.index(st.session_state["explore_choice"])]
 
 
+# ----------------------------------------------------------------------------------------------- rendering
+
+def _pngs(tiles: Sequence[Tile]) -> PngTiles:
+    return tuple((encode_png(t.image), t.caption) for t in tiles)
+
+
+def _comparison_pngs(comparison: HeadComparison) -> tuple[PngTiles, PngTiles]:
+    return _pngs(comparison.teacher), _pngs(comparison.student)
+
+
+def rollout_tiles(analysis: ImageAnalysis, grads: dict[str, np.ndarray], classes: dict[str, int], fusion: str,
+                  discard: float, alpha: float, colormap: str) -> list[Tile]:
+    """Attention rollout and class-specific gradient rollout tiles, teacher's two then student's two."""
+    tiles = []
+    for role in ("teacher", "student"):
+        result = analysis.model(role)
+        rmap = rollout_map(recompute_rollout(result, fusion, discard), analysis.layout)
+        tiles += [
+            Tile(render_map(analysis.image_rgb, rmap, 2 * TILE, alpha, colormap),
+                 f"{role} rollout ({fusion}, discard {discard:.2f})", False),
+            Tile(render_map(analysis.image_rgb, rollout_map(grads[role], analysis.layout), 2 * TILE, alpha,
+                            colormap),
+                 f"{role} gradient rollout: {analysis.class_names[classes[role]]} "
+                 f"(p={float(result.probs[classes[role]]):.2f})", False),
+        ]
+    return tiles
+
+
 # ----------------------------------------------------------------------------------------------- sections
 
-def show_predictions(analysis: ImageAnalysis, source: ImageSource, query: tuple[int, int] | None) -> None:
+def show_predictions(shown: Shown, query: tuple[int, int] | None) -> None:
+    analysis = shown.analysis
     flag = analysis.flag
     st.badge(flag.message(), color=FLAG_COLORS[flag.status],
              icon=":material/check:" if flag.status in ("agree", "both-right") else ":material/warning:")
     image_col, teacher_col, student_col = st.columns([1.1, 2, 2])
     true_name = None if analysis.true_label is None else analysis.class_names[analysis.true_label]
     with image_col:
-        st.image(mark_patch(analysis.image_rgb, analysis.layout, query, PREVIEW), width=PREVIEW)
-        st.caption(f"**{source.name}** ({analysis.image_rgb.shape[0]} px crop the models saw)"
+        preview = shown.rendered("preview", (query, PREVIEW), lambda: encode_png(
+            mark_patch(analysis.image_rgb, analysis.layout, query, PREVIEW)))
+        st.image(preview, width=PREVIEW, output_format="PNG")
+        st.caption(f"**{shown.name}** ({analysis.image_rgb.shape[0]} px crop the models saw)"
                    + (f"; true class: **{true_name}**" if true_name else "; true class unknown"))
     for col, result, role in ((teacher_col, analysis.teacher, "Teacher"), (student_col, analysis.student, "Student")):
-        top = result.top_k[0]
         with col:
-            st.plotly_chart(common.topk_figure(result, analysis.true_label, f"{role}: {top.name} ({top.prob:.1%})"),
+            st.plotly_chart(common.topk_figure_cached(shown.pair_key, shown.image_key, role, analysis.true_label,
+                                                      result),
                             key=f"explore_top_{role}", config={"displayModeBar": False})
 
 
@@ -197,85 +278,111 @@ def block_and_query(analysis: ImageAnalysis) -> tuple[int, int, tuple[int, int] 
     return int(teacher_block), int(student_block), query
 
 
-def show_tiles(title: str, tiles: tuple[Tile, ...] | list[Tile], per_row: int = 4) -> None:
+def show_tiles(title: str, tiles: PngTiles, width: int = TILE) -> None:
+    """One ``st.image`` for all tiles (they wrap to the column's width): one element, not a grid of them."""
     st.markdown(title)
-    for start in range(0, len(tiles), per_row):
-        for col, tile in zip(st.columns(per_row), tiles[start:start + per_row], strict=False):
-            col.image(tile.image, caption=tile.caption, width="stretch")
+    st.image([png for png, _ in tiles], caption=[caption for _, caption in tiles], width=width,
+             output_format="PNG")
 
 
-def show_heads(analysis: ImageAnalysis, teacher_block: int, student_block: int, query: tuple[int, int] | None,
-               alpha: float, colormap: str, scale: str) -> HeadComparison:
+def head_view() -> str:
+    """The "View" control's value, also when the heads tab is not drawn (for the export)."""
+    return st.session_state.get("explore_view", "per head")
+
+
+def heads_comparison(analysis: ImageAnalysis, teacher_block: int, student_block: int,
+                     query: tuple[int, int] | None, view: str, alpha: float, colormap: str,
+                     scale: str) -> HeadComparison:
+    return compare_heads(analysis, teacher_block, student_block, query=query,
+                         head_fusion=None if view == "per head" else view, alpha=alpha, colormap=colormap,
+                         scale=scale, size=TILE)
+
+
+@st.fragment
+def show_heads(shown: Shown, teacher_block: int, student_block: int, query: tuple[int, int] | None,
+               alpha: float, colormap: str, scale: str) -> None:
+    analysis = shown.analysis
     view = st.segmented_control("View", ["per head", *HEAD_FUSIONS], default="per head", required=True,
-                                key="explore_view", format_func=lambda v: v if v == "per head" else f"{v} of heads")
-    comparison = compare_heads(analysis, teacher_block, student_block, query=query,
-                               head_fusion=None if view == "per head" else view, alpha=alpha, colormap=colormap,
-                               scale=scale, size=TILE)
+                                key="explore_view", persist_state="page",
+                                format_func=lambda v: v if v == "per head" else f"{v} of heads")
+    teacher_tiles, student_tiles = shown.rendered(
+        "heads", (teacher_block, student_block, query, view, alpha, colormap, scale, TILE),
+        lambda: _comparison_pngs(heads_comparison(analysis, teacher_block, student_block, query, view, alpha,
+                                                  colormap, scale)))
     left, right = st.columns(2, gap="large")
     with left:
-        show_tiles(f"**Teacher**, block {teacher_block}", comparison.teacher)
+        show_tiles(f"**Teacher**, block {teacher_block}", teacher_tiles)
     with right:
-        show_tiles(f"**Student**, block {student_block}", comparison.student)
+        show_tiles(f"**Student**, block {student_block}", student_tiles)
     if analysis.head_map is not None:
         st.caption("Framed maps are distilled pairs: a student head shows the teacher head that taught it, "
                    "a teacher head the student heads it taught.")
-    with st.expander("All blocks overview (rows: blocks from the first down, columns: heads)"):
-        hm = analysis.head_map
-        t_marks = frozenset((p.teacher_block, p.teacher_head) for p in hm.pairs) if hm else frozenset()
-        s_marks = frozenset((p.student_block, p.student_head) for p in hm.pairs) if hm else frozenset()
-        left, right = st.columns(2, gap="large")
-        left.image(blocks_overview(analysis.teacher, analysis.image_rgb, analysis.layout, query, alpha, colormap,
-                                   highlight=t_marks),
-                   caption=f"Teacher: {analysis.teacher.depth} blocks x {analysis.teacher.num_heads} heads")
-        right.image(blocks_overview(analysis.student, analysis.image_rgb, analysis.layout, query, alpha, colormap,
-                                    highlight=s_marks),
-                    caption=f"Student: {analysis.student.depth} blocks x {analysis.student.num_heads} heads")
-    return comparison
+    overview = st.expander("All blocks overview (rows: blocks from the first down, columns: heads)",
+                           key="explore_overview", on_change="rerun")
+    if overview.open:
+        with overview:
+            hm = analysis.head_map
+            t_marks = frozenset((p.teacher_block, p.teacher_head) for p in hm.pairs) if hm else frozenset()
+            s_marks = frozenset((p.student_block, p.student_head) for p in hm.pairs) if hm else frozenset()
+            teacher_png, student_png = shown.rendered("overview", (query, alpha, colormap), lambda: (
+                encode_png(blocks_overview(analysis.teacher, analysis.image_rgb, analysis.layout, query, alpha,
+                                           colormap, highlight=t_marks)),
+                encode_png(blocks_overview(analysis.student, analysis.image_rgb, analysis.layout, query, alpha,
+                                           colormap, highlight=s_marks))))
+            left, right = st.columns(2, gap="large")
+            left.image(teacher_png, output_format="PNG",
+                       caption=f"Teacher: {analysis.teacher.depth} blocks x {analysis.teacher.num_heads} heads")
+            right.image(student_png, output_format="PNG",
+                        caption=f"Student: {analysis.student.depth} blocks x {analysis.student.num_heads} heads")
 
 
 def _rollout_target(analysis: ImageAnalysis, target: str, role: str, chosen: int) -> int:
     own, other = analysis.model(role), analysis.model("student" if role == "teacher" else "teacher")
-    return {"own": own.predicted, "true": analysis.true_label, "other": other.predicted, "chosen": chosen}[target]
+    return int({"own": own.predicted, "true": analysis.true_label, "other": other.predicted, "chosen": chosen}[target])
 
 
-def show_rollout(analysis: ImageAnalysis, pair: ModelPair, pair_key: str, image_key: str, alpha: float,
-                 colormap: str) -> list[Tile]:
-    """Attention rollout and class-specific gradient rollout of both models; returns the tiles shown."""
+def rollout_settings(analysis: ImageAnalysis) -> tuple[str, float, dict[str, int]]:
+    """(head fusion, discard ratio, class index per role) as the rollout tab's controls last set them."""
+    state = st.session_state
+    target = state.get("explore_target", "own")
+    if target == "true" and analysis.true_label is None:
+        target = "own"
+    chosen = int(state.get("explore_class", analysis.teacher.predicted))
+    classes = {role: _rollout_target(analysis, target, role, chosen) for role in ("teacher", "student")}
+    return state.get("explore_rollout_fusion", "mean"), float(state.get("explore_discard", 0.0)), classes
+
+
+@st.fragment
+def show_rollout(shown: Shown, alpha: float, colormap: str) -> None:
+    """Attention rollout and class-specific gradient rollout of both models."""
+    analysis, pair = shown.analysis, shown.pair
     cols = st.columns([1, 1, 1])
-    fusion = cols[0].segmented_control("Head fusion", list(HEAD_FUSIONS), default="mean", required=True,
-                                       key="explore_rollout_fusion")
-    discard = cols[1].slider("Discard ratio", 0.0, 0.95, 0.0, 0.05, key="explore_discard",
-                             help="Zero the weakest attention weights of every block before rolling out "
-                                  "(the CLS column is kept).")
+    cols[0].segmented_control("Head fusion", list(HEAD_FUSIONS), default="mean", required=True,
+                              key="explore_rollout_fusion", persist_state="page")
+    cols[1].slider("Discard ratio", 0.0, 0.95, 0.0, 0.05, key="explore_discard", persist_state="page",
+                   help="Zero the weakest attention weights of every block before rolling out "
+                        "(the CLS column is kept).")
     targets = ["own", "other", "chosen"] if analysis.true_label is None else ["own", "true", "other", "chosen"]
     cols = st.columns([2, 1])
     target = cols[0].segmented_control("Class-specific rollout explains", targets, default="own", required=True,
-                                       format_func=TARGET_LABELS.__getitem__, key="explore_target")
-    chosen = 0
+                                       format_func=TARGET_LABELS.__getitem__, key="explore_target",
+                                       persist_state="page")
     if target == "chosen":
         classes = list(range(len(analysis.class_names)))
         common.ensure_choice("explore_class", classes, analysis.teacher.predicted)
-        chosen = cols[1].selectbox("Class", classes, format_func=analysis.class_names.__getitem__,
-                                   key="explore_class")
-    tiles: dict[str, list[Tile]] = {}
-    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
-        result = analysis.model(role)
-        rmap = rollout_map(recompute_rollout(result, fusion, discard), analysis.layout)
-        class_index = int(_rollout_target(analysis, target, role, chosen))
-        grad = common.class_rollout_cached(pair_key, image_key, role, class_index, model, result)
-        tiles[role] = [
-            Tile(render_map(analysis.image_rgb, rmap, 2 * TILE, alpha, colormap),
-                 f"{role} rollout ({fusion}, discard {discard:.2f})", False),
-            Tile(render_map(analysis.image_rgb, rollout_map(grad, analysis.layout), 2 * TILE, alpha, colormap),
-                 f"{role} gradient rollout: {analysis.class_names[class_index]} "
-                 f"(p={float(result.probs[class_index]):.2f})", False),
-        ]
+        cols[1].selectbox("Class", classes, format_func=analysis.class_names.__getitem__, key="explore_class",
+                          persist_state="page")
+    fusion, discard, classes = rollout_settings(analysis)
+    grads = {role: common.class_rollout_cached(shown.pair_key, shown.image_key, role, classes[role], model,
+                                               analysis.model(role))
+             for role, model in (("teacher", pair.teacher), ("student", pair.student))}
+    tiles = shown.rendered("rollout", (fusion, discard, classes["teacher"], classes["student"], alpha, colormap),
+                           lambda: _pngs(rollout_tiles(analysis, grads, classes, fusion, discard, alpha, colormap)))
     left, right = st.columns(2, gap="large")
     with left:
-        show_tiles("**Teacher**", tiles["teacher"], per_row=2)
+        show_tiles("**Teacher**", tiles[:2], width=2 * TILE)
     with right:
-        show_tiles("**Student**", tiles["student"], per_row=2)
-    return tiles["teacher"] + tiles["student"]
+        show_tiles("**Student**", tiles[2:], width=2 * TILE)
 
 
 def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: int) -> None:
@@ -297,20 +404,59 @@ def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: i
                   for r in rows], hide_index=True)
 
 
-def show_export(analysis: ImageAnalysis, comparison: HeadComparison, rollout_tiles: list[Tile], name: str) -> None:
+def export_png(shown: Shown, teacher_block: int, student_block: int, query: tuple[int, int] | None, view: str,
+               rollout: tuple[str, float, dict[str, int]], alpha: float, colormap: str, scale: str) -> bytes:
+    """The shown head maps and rollouts as one captioned PNG (built when the download is clicked)."""
+    analysis, pair = shown.analysis, shown.pair
+    fusion, discard, classes = rollout
+    grads = {role: class_rollout(model, analysis.model(role).inputs, classes[role])
+             for role, model in (("teacher", pair.teacher), ("student", pair.student))}
+    comparison = heads_comparison(analysis, teacher_block, student_block, query, view, alpha, colormap, scale)
+    return comparison_png(comparison, rollout_tiles(analysis, grads, classes, fusion, discard, alpha, colormap))
+
+
+def show_export(shown: Shown, teacher_block: int, student_block: int, query: tuple[int, int] | None,
+                alpha: float, colormap: str, scale: str) -> None:
+    analysis, name = shown.analysis, shown.name
     stem = name.rsplit(".", 1)[0]
+    view, rollout = head_view(), rollout_settings(analysis)
     st.markdown("Download what is shown: the head maps and rollouts as one PNG, the numbers as JSON (predictions, "
                 "distilled-pair divergences, every block's CLS maps) or CSV (probabilities, pair divergences).")
     row = st.container(horizontal=True)
-    row.download_button("Overlays (PNG)", comparison_png(comparison, rollout_tiles), f"{stem}-attention.png",
-                            "image/png", key="explore_dl_png", on_click="ignore")
-    row.download_button("Numbers (JSON)", analysis_to_json(analysis, name), f"{stem}-analysis.json",
-                            "application/json", key="explore_dl_json", on_click="ignore")
-    row.download_button("Numbers (CSV)", analysis_to_csv(analysis), f"{stem}-analysis.csv", "text/csv",
-                            key="explore_dl_csv", on_click="ignore")
+    # Each file is built only when its button is clicked.
+    row.download_button("Overlays (PNG)", lambda: export_png(shown, teacher_block, student_block, query, view,
+                                                              rollout, alpha, colormap, scale),
+                        f"{stem}-attention.png", "image/png", key="explore_dl_png", on_click="ignore")
+    row.download_button("Numbers (JSON)", lambda: analysis_to_json(analysis, name), f"{stem}-analysis.json",
+                        "application/json", key="explore_dl_json", on_click="ignore")
+    row.download_button("Numbers (CSV)", lambda: analysis_to_csv(analysis), f"{stem}-analysis.csv", "text/csv",
+                        key="explore_dl_csv", on_click="ignore")
 
 
 # ----------------------------------------------------------------------------------------------- page
+
+@st.fragment
+def show_analysis(shown: Shown) -> None:
+    """Everything drawn from one analysis; a widget in here reruns this part only (no decode, no analysis)."""
+    alpha, colormap, scale = display_settings()
+    predictions = st.container()  # drawn above the controls, filled once the query patch is known
+    teacher_block, student_block, query = block_and_query(shown.analysis)
+    with predictions:
+        show_predictions(shown, query)
+    heads_tab, rollout_tab, agreement_tab, export_tab = st.tabs(TABS, key="explore_tab", on_change="rerun")
+    if heads_tab.open:  # only the open tab is drawn
+        with heads_tab:
+            show_heads(shown, teacher_block, student_block, query, alpha, colormap, scale)
+    if rollout_tab.open:
+        with rollout_tab:
+            show_rollout(shown, alpha, colormap)
+    if agreement_tab.open:
+        with agreement_tab:
+            show_agreement(shown.analysis, teacher_block, student_block)
+    if export_tab.open:
+        with export_tab:
+            show_export(shown, teacher_block, student_block, query, alpha, colormap, scale)
+
 
 def main() -> None:
     st.title("Explore attention")
@@ -320,30 +466,15 @@ def main() -> None:
         return
     pair, config = status.pair, common.server_config()
     st.caption(f"Teacher **{status.teacher.label}** vs student **{status.student.label}**")
-    good = decoded_sources(image_sources(pair, config))
+    good = decoded_sources(image_sources(pair, config), pair.img_size)
     if not good:
         st.info("Upload an image or pick an example.")
         return
     source, image = choose(good)
     key = common.image_key(source.data)
     analysis = common.analyze_cached(status.key, key, source.label, pair, image)
-    alpha, colormap, scale = display_settings()
-
     st.divider()
-    predictions = st.container()  # drawn above the controls, filled once the query patch is known
-    teacher_block, student_block, query = block_and_query(analysis)
-    with predictions:
-        show_predictions(analysis, source, query)
-    heads_tab, rollout_tab, agreement_tab, export_tab = st.tabs(["Head attention", "Rollout", "Agreement",
-                                                                 "Export"])
-    with heads_tab:
-        comparison = show_heads(analysis, teacher_block, student_block, query, alpha, colormap, scale)
-    with rollout_tab:
-        rollout_tiles = show_rollout(analysis, pair, status.key, key, alpha, colormap)
-    with agreement_tab:
-        show_agreement(analysis, teacher_block, student_block)
-    with export_tab:
-        show_export(analysis, comparison, rollout_tiles, source.name)
+    show_analysis(Shown(analysis, pair, status.key, key, source.name))
 
 
 main()
