@@ -340,11 +340,14 @@ def test_server_config_precedence(tmp_path: Path):
            "VITKD_DATA_ROOTS": str(tmp_path / "data"), "VITKD_ENABLE_TRAINING": "0"}
     config = common.parse_server_config(["-x", "tests/foo.py", "--checkpoint-dir", str(tmp_path / "c")], env, 20)
     assert config.checkpoint_dirs == (common.BUNDLED_CHECKPOINTS, tmp_path / "c", tmp_path / "a", tmp_path / "b")
-    assert config.data_roots == (tmp_path / "data", common.EXAMPLES_DIR)
+    assert config.data_roots == (tmp_path / "data", *(common.SAMPLES_DIR / n for n in common.SAMPLE_ROOTS),
+                                 common.EXAMPLES_DIR)
     assert config.training_enabled is False and config.max_upload_mb == 20
     assert config.runs_dir == common.DEFAULT_RUNS_DIR
     assert common.parse_server_config(["--enable-training"], env).training_enabled is True
-    assert common.parse_server_config([], {}).training_enabled is True  # default on; Docker sets 0
+    # no address means every interface (as in Docker): off; a local server: on
+    assert common.parse_server_config([], {}).training_enabled is False
+    assert common.parse_server_config([], {}, server_address="127.0.0.1").training_enabled is True
     assert common.parse_server_config(["--disable-training"], {}).training_enabled is False
     assert common.parse_server_config(["--checkpoint-dir"], {}).checkpoint_dirs == (common.BUNDLED_CHECKPOINTS,)
     assert config.torch_threads == 1
