@@ -258,9 +258,9 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(workspace: dict[str, Path
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(driver), str(run_dir),
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
-    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: loss became non-finite")]
-    assert len(errors) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # both ranks stop, with the same line
-    assert {e.split(" step ")[0] for e in errors} == {"error: loss became non-finite at epoch 1"}
+    output = proc.stdout + proc.stderr  # both ranks write to one pipe: their lines may run together
+    assert output.count("error: loss became non-finite") == 2, output[-3000:]  # both ranks stop
+    assert output.count("error: loss became non-finite at epoch 1 step ") == 2, output[-3000:]  # the same line
 
     torchrun(driver, run_dir, args)  # no NaN: dropout seeds are per (seed, epoch, rank)
     seeds = [json.loads((run_dir / f"seeds{r}.json").read_text()) for r in (0, 1)]
