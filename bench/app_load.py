@@ -245,7 +245,8 @@ async def run_session(browser, url: str, files: list[Path], barrier: asyncio.Bar
         await page.wait_for_function(IDLE, timeout=timeout_ms, polling=100)
         times.open_s = time.perf_counter() - start
         if barrier is not None:
-            await barrier.wait()
+            await barrier.wait()  # every page is open and idle ...
+            await barrier.wait()  # ... and the browsers are done with the pages' code (see ``settle``)
         name = files[-1].name  # the page shows the newest upload
         start = time.perf_counter()
         await page.locator(driver.UPLOAD_INPUT).set_input_files([str(f) for f in files])
@@ -261,6 +262,21 @@ async def run_session(browser, url: str, files: list[Path], barrier: asyncio.Bar
     finally:
         await context.close()
     return times
+
+
+async def settle(pid: int | None, pages: int, quiet: float = 0.05, limit: float = 60.0) -> None:
+    """Wait until the browsers use less than ``quiet`` CPU-seconds per page per second (at most ``limit`` s).
+
+    A page reports idle long before Chromium is done with it: it keeps compiling the app's JavaScript
+    (plotly.js among it) for seconds. Uploads that start then are slowed by that, not by the app, so
+    every session uploads once the browsers are quiet, as a person picking a file would."""
+    deadline, last = time.monotonic() + limit, browser_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = browser_cpu_seconds(pid)
+        if now - last < quiet * pages:
+            return
+        last = now
 
 
 @dataclass
@@ -279,9 +295,11 @@ async def run_level(browser, url: str, uploads: list[list[Path]], pid: int | Non
 
     async def coordinate() -> None:
         await barrier.wait()  # every page is open and idle
+        await settle(pid, len(uploads))
         if pid:
             marks.append(cpu_seconds(pid))
             client.append(browser_cpu_seconds(pid))
+        await barrier.wait()  # go: every session uploads now
         await barrier.wait()  # every page shows its upload's maps
         if pid:
             client.append(browser_cpu_seconds(pid))

@@ -136,7 +136,7 @@ def test_example_predictions_views_and_errors(app_env: Path):
     assert list(table["student head"]) == [f"S{r['student_block']}.h{r['student_head']}" for r in ref]
 
     cat = next(e for e in common.examples() if e.label == "cat")
-    at.segmented_control(key="explore_example").set_value(cat.name).run()
+    at.pills(key="explore_example").set_value(cat.name).run()
     assert not at.exception
     assert any(f"**{cat.name}**" in c.value and "true class: **cat**" in c.value for c in at.caption)
     assert chart_titles(at)[:2] == expected_titles(app_env, "tiny-student-distilled.safetensors",

@@ -172,9 +172,12 @@ def test_display_controls_rerun_only_their_fragment(server, browser, tmp_path: P
     try:
         requests = _rerun_requests(page)
         driver.open_app(page, url)
+        assert requests and requests[0] == "", requests  # opening the page runs all of it
+        requests.clear()
         driver.start_upload(page, image)
         driver.wait_for_image(page, image.name)
-        assert requests and requests[-1] == "", requests  # an upload reruns the whole page
+        assert requests and all(requests), requests  # an upload reruns the images' part, not the sidebar
+        upload_fragment = requests[-1]
         requests.clear()
         page.get_by_text("max of heads", exact=True).click()  # the heads tab's own control
         page.get_by_text("max of heads", exact=False).nth(1).wait_for(timeout=60_000)  # a tile caption
@@ -184,5 +187,6 @@ def test_display_controls_rerun_only_their_fragment(server, browser, tmp_path: P
         driver.wait_idle(page)
         _no_exception(page)
         assert len(requests) >= 2 and all(requests), requests  # fragment reruns only, never the whole page
+        assert upload_fragment not in requests  # nor the images' part: no decode, no analysis
     finally:
         page.close()

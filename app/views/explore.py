@@ -4,12 +4,13 @@ Widgets only; every number and picture comes from ``vitkd.analysis`` through the
 wrappers in ``app.common``. Per-user state lives in ``st.session_state`` (keys ``explore_*``).
 
 Built to stay cheap with many users: uploads are decoded once, straight to a small copy
-(``common.decode_image``), and analysed once (``common.analyze_cached``). Everything drawn
-from one analysis (predictions, block and display controls, the tabs) is a ``st.fragment``,
-so changing one of its widgets reruns that part only, never the decode or the analysis;
-only the open tab and an open overview are drawn; every overlay is rendered and PNG-encoded
-once per (pair, image, settings) and shared by all sessions (``common.rendered``); exports
-are built only when downloaded.
+(``common.decode_image``), and analysed once (``common.analyze_cached``). The page is nested
+``st.fragment``s, so a widget reruns only its part: an upload or an example redraws the images
+and their analysis, not the sidebar; a display, block or query control redraws the analysis
+view (``show_analysis``), never the decode or the analysis; a tab's own controls redraw that
+tab. Only the open tab and an open overview are drawn; every overlay is rendered and
+PNG-encoded once per (pair, image, settings) and shared by all sessions (``common.rendered``);
+exports are built only when downloaded.
 """
 
 from __future__ import annotations
@@ -145,9 +146,8 @@ def image_sources(pair: ModelPair, config: common.ServerConfig) -> list[ImageSou
         with example_col:  # two elements, not a grid of them: every element costs each full run
             labels = _example_labels(examples)
             st.image([str(e.path) for e in examples], caption=[labels[e.name] for e in examples], width=EXAMPLE)
-            st.segmented_control("**Or pick an example** (true class known)", list(labels),
-                                 format_func=labels.__getitem__, required=True, key="explore_example",
-                                 on_change=_pick_example)
+            st.pills("**Or pick an example** (true class known)", list(labels), format_func=labels.__getitem__,
+                     required=True, key="explore_example", on_change=_pick_example, wrap=True)
 
     sources: list[ImageSource] = []
     for upload in uploads:
@@ -236,8 +236,9 @@ def show_predictions(shown: Shown, query: tuple[int, int] | None) -> None:
                             key=f"explore_top_{role}", config={"displayModeBar": False})
 
 
-def display_settings() -> tuple[float, str, str]:
-    with st.sidebar:
+def display_settings(where: st.delta_generator.DeltaGenerator) -> tuple[float, str, str]:
+    """Opacity, colour map and colour scale, drawn in ``where`` (a sidebar container of ``show_images``)."""
+    with where:
         st.subheader("Display")
         alpha = st.slider("Map opacity", 0.0, 1.0, 0.55, 0.05, key="explore_alpha")
         colormap = st.selectbox("Colour map", list(COLORMAPS), key="explore_cmap")
@@ -278,8 +279,9 @@ def block_and_query(analysis: ImageAnalysis) -> tuple[int, int, tuple[int, int] 
     return int(teacher_block), int(student_block), query
 
 
-def show_tiles(title: str, tiles: PngTiles, width: int = TILE) -> None:
-    """One ``st.image`` for all tiles (they wrap to the column's width): one element, not a grid of them."""
+def show_tiles(title: str, tiles: PngTiles, width: int = TILE // 2) -> None:
+    """One ``st.image`` for all tiles, ``width`` px each (four of them fill half the page; they wrap) and
+    sharp on high-density screens: one element, not a grid of them."""
     st.markdown(title)
     st.image([png for png, _ in tiles], caption=[caption for _, caption in tiles], width=width,
              output_format="PNG")
@@ -380,9 +382,9 @@ def show_rollout(shown: Shown, alpha: float, colormap: str) -> None:
                            lambda: _pngs(rollout_tiles(analysis, grads, classes, fusion, discard, alpha, colormap)))
     left, right = st.columns(2, gap="large")
     with left:
-        show_tiles("**Teacher**", tiles[:2], width=2 * TILE)
+        show_tiles("**Teacher**", tiles[:2], width=TILE)
     with right:
-        show_tiles("**Student**", tiles[2:], width=2 * TILE)
+        show_tiles("**Student**", tiles[2:], width=TILE)
 
 
 def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: int) -> None:
@@ -436,9 +438,10 @@ def show_export(shown: Shown, teacher_block: int, student_block: int, query: tup
 # ----------------------------------------------------------------------------------------------- page
 
 @st.fragment
-def show_analysis(shown: Shown) -> None:
-    """Everything drawn from one analysis; a widget in here reruns this part only (no decode, no analysis)."""
-    alpha, colormap, scale = display_settings()
+def show_analysis(shown: Shown, settings: st.delta_generator.DeltaGenerator) -> None:
+    """Everything drawn from one analysis; a widget in here reruns this part only (no decode, no analysis).
+    ``settings``: where the display controls go (a sidebar container its parent fragment draws every run)."""
+    alpha, colormap, scale = display_settings(settings)
     predictions = st.container()  # drawn above the controls, filled once the query patch is known
     teacher_block, student_block, query = block_and_query(shown.analysis)
     with predictions:
@@ -458,14 +461,11 @@ def show_analysis(shown: Shown) -> None:
             show_export(shown, teacher_block, student_block, query, alpha, colormap, scale)
 
 
-def main() -> None:
-    st.title("Explore attention")
-    status = common.pair_status()
-    if status.pair is None:
-        st.info("Choose a compatible teacher and student in the sidebar to explore their attention.")
-        return
+@st.fragment
+def show_images(status: common.PairStatus) -> None:
+    """Image input and its analysis. Uploading or picking an image reruns this part only: the pair, the
+    sidebar's model picker and the page around it stay as they are (a model change reruns the page)."""
     pair, config = status.pair, common.server_config()
-    st.caption(f"Teacher **{status.teacher.label}** vs student **{status.student.label}**")
     good = decoded_sources(image_sources(pair, config), pair.img_size)
     if not good:
         st.info("Upload an image or pick an example.")
@@ -474,7 +474,19 @@ def main() -> None:
     key = common.image_key(source.data)
     analysis = common.analyze_cached(status.key, key, source.label, pair, image)
     st.divider()
-    show_analysis(Shown(analysis, pair, status.key, key, source.name))
+    # The display controls live in the sidebar; a fragment may only write to a container outside it that
+    # its parent draws on every run, so this part reserves their place there.
+    show_analysis(Shown(analysis, pair, status.key, key, source.name), st.sidebar.container())
+
+
+def main() -> None:
+    st.title("Explore attention")
+    status = common.pair_status()
+    if status.pair is None:
+        st.info("Choose a compatible teacher and student in the sidebar to explore their attention.")
+        return
+    st.caption(f"Teacher **{status.teacher.label}** vs student **{status.student.label}**")
+    show_images(status)
 
 
 main()
