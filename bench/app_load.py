@@ -32,7 +32,6 @@ import contextlib
 import importlib.util
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -164,14 +163,7 @@ def streamlit_server(log: Path, app: Path = driver.APP) -> Iterator[Server]:
         driver.wait_healthy(url, process, log, 120.0)
         yield Server(url, process.pid, log)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+        driver.stop_process_group(process)
 
 
 class RssSampler:

@@ -51,6 +51,19 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: f
     raise TimeoutError(f"streamlit not healthy after {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process's whole group (started with ``start_new_session=True``), SIGKILL it if it is still
+    there after ``timeout`` s, and reap it: no server or browser child outlives a test or a bench."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
 @contextlib.contextmanager
 def streamlit_server(env: Mapping[str, str], log_path: Path, timeout: float = 120.0) -> Iterator[str]:
     """Run the app headless on a free local port; yields its URL and always stops it (the whole group)."""
@@ -67,14 +80,7 @@ def streamlit_server(env: Mapping[str, str], log_path: Path, timeout: float = 12
         wait_healthy(url, process, log_path, timeout)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 @contextlib.contextmanager

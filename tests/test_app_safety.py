@@ -17,7 +17,6 @@ import importlib.util
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -90,14 +89,7 @@ def started(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        driver.stop_process_group(proc)
 
 
 @pytest.mark.slow

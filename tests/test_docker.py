@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -341,14 +340,7 @@ def image_command_server(instructions: list[tuple[str, str]], app_root: Path, ho
         yield f"http://127.0.0.1:{port}"
         assert proc.poll() is None, f"streamlit exited after answering:\n{log_path.read_text()}"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        driver.stop_process_group(proc)
 
 
 def expected_predictions(app_root: Path, image: Path) -> dict[str, tuple[str, float]]:
