@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from test_app_pages import _app, env  # noqa: F401 - env is a fixture used by name
+from streamlit.testing.v1 import AppTest
+from test_app_pages import APP, _app, env  # noqa: F401 - env is a fixture used by name
 
 from vitkd.errors import CheckpointError
 from vitkd.jobs import active_job, cancel_job, job_status, list_jobs, start_job
@@ -77,3 +78,87 @@ def test_no_resume_button_for_a_run_without_a_committed_epoch(env: dict[str, Pat
     at = _app(env, "views/train.py")
     assert "Cancelled" in "\n".join(e.value for e in at.warning)
     assert "train_resume" not in [b.key for b in at.button]
+
+
+def _command(at) -> str:
+    """The page's "Command line" block."""
+    codes = [c.value for c in at.code if c.value.startswith("python -m vitkd ")]
+    assert len(codes) == 1, codes
+    return codes[0]
+
+
+def test_train_page_passes_model_overrides_to_the_job(env: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+    at = _app(env, "views/train.py")
+    at.radio(key="train_mode").set_value("train").run()
+    at.text_input(key="train_overrides").input("patch_size=8, depth=2").run()
+    assert not at.exception and not at.error
+    assert "2 blocks x 4 heads, 32 px input, 4x4 patch grid." in [c.value for c in at.caption]
+    assert " --model cifar-student " in _command(at)
+    assert " --model-override patch_size=8 --model-override depth=2 " in _command(at)
+    at.button(key="train_start").click().run()
+    job = active_job(env["runs"])
+    try:
+        assert job is not None and job.command == "train"
+        at_override = [job.args[i + 1] for i, arg in enumerate(job.args) if arg == "--model-override"]
+        assert at_override == ["patch_size=8", "depth=2"]
+    finally:
+        if job is not None:
+            cancel_job(job)
+
+
+def test_train_page_refuses_bad_overrides(env: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+    at = _app(env, "views/train.py")
+    at.radio(key="train_mode").set_value("train").run()
+    at.text_input(key="train_overrides").input("colour=red").run()
+    assert not at.exception
+    assert any("unknown model override 'colour'" in e.value for e in at.error)
+    assert at.button(key="train_start").disabled
+    at.text_input(key="train_overrides").input("num_heads=5").run()  # parses, but the model cannot be built
+    assert any("num_heads" in e.value and "cannot build preset 'cifar-student'" in e.value for e in at.error)
+    assert at.button(key="train_start").disabled
+
+
+def _app_with(env: dict[str, Path], **state: str) -> AppTest:  # noqa: F811 - env is the fixture's value
+    """The Train page with widget values set before its first run: what a user typed into the model picker.
+
+    (AppTest can only select existing options; a typed ``timm:NAME`` is an option once the page has it.)
+    """
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["vitkd_teacher"] = str(env["teacher"])
+    at.session_state["vitkd_student"] = str(env["student"])
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.switch_page("views/train.py")
+    at.run()
+    assert not at.exception
+    return at
+
+
+def test_train_page_takes_a_typed_timm_model(env: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+    at = _app_with(env, train_mode="train", train_model="timm:vit_tiny_patch16_224",
+                   train_overrides="depth=1, embed_dim=8, num_heads=2")
+    assert not at.error
+    assert at.selectbox(key="train_model").value == "timm:vit_tiny_patch16_224"
+    assert at.selectbox(key="train_model").options[-1] == "timm:vit_tiny_patch16_224"  # kept as an option
+    assert "1 blocks x 2 heads, 224 px input, 14x14 patch grid." in [c.value for c in at.caption]
+    assert " --model timm:vit_tiny_patch16_224 " in _command(at)
+    assert " --model-override depth=1 --model-override embed_dim=8 --model-override num_heads=2 " in _command(at)
+    assert not at.button(key="train_start").disabled
+    at.text_input(key="train_overrides").input("depth=1, embed_dim=8, num_heads=2, patch_size=8").run()
+    assert "1 blocks x 2 heads, 224 px input, 28x28 patch grid." in [c.value for c in at.caption]
+
+    # a timm student of the tiny teacher, at the teacher's 32 px (its 8x8 grid resampled onto the student's 4x4)
+    at = _app_with(env, train_mode="distill", train_teacher=str(env["teacher"]),
+                   train_student="timm:vit_tiny_patch16_224",
+                   train_overrides="depth=1, embed_dim=8, num_heads=2, patch_size=8")
+    assert not at.error
+    assert any("Student: 1 blocks x 2 heads" in c.value for c in at.caption)
+    command = _command(at)
+    assert command.startswith("python -m vitkd distill --model timm:vit_tiny_patch16_224 ")
+    assert " --img-size 32 " in command
+    assert " --model-override depth=1 --model-override embed_dim=8 --model-override num_heads=2 " \
+           "--model-override patch_size=8 " in command
+
+    at = _app_with(env, train_mode="train", train_model="timm:no_such_vit")
+    assert any("unknown model 'no_such_vit'" in e.value for e in at.error)
+    assert at.button(key="train_start").disabled

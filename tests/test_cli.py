@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,52 @@ def test_more_user_errors_in_process(argv: list[str], match: str, cli_runs: dict
     assert main([arg.format(**values) for arg in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+
+
+# ------------------------------------------------------------------------------------- models: overrides, weights
+
+def test_model_overrides_reach_the_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--model", "cifar-student", "--model-override", "patch_size=8", "--model-override",
+                 "depth=1, qk_norm=true", "--data", f"imagefolder:{image_folder}", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "32", "--device", "cpu", "--no-progress"]) == 0
+    model, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["model"] == {"name": "cifar-student", "num_classes": 4, "img_size": None,
+                             "overrides": {"patch_size": 8, "depth": 1, "qk_norm": True}}
+    assert meta["train_config"]["model_overrides"] == {"patch_size": 8, "depth": 1, "qk_norm": True}
+    assert tuple(model.patch_embed.patch_size) == (8, 8) and len(model.blocks) == 1
+    assert tuple(model.patch_embed.grid_size) == (4, 4)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--model-override", "colour=red"], "unknown model override 'colour'"),
+    (["--model-override", "depth"], "'depth' is not KEY=VALUE"),
+    (["--model-override", "num_classes=3"], "'num_classes' is not allowed"),
+    (["--model-override", "num_heads=5"], "cannot build preset 'cifar-student' with overrides {'num_heads': 5}"),
+    (["--model", "timm:cifar-student"], "drop the 'timm:' prefix"),
+    (["--model", "timm:vit_tiny_patch16_224", "--pretrained-file", "{missing}"], "no such file"),
+    (["--model", "timm:vit_tiny_patch16_224", "--pretrained", "--pretrained-file", "{missing}"], "pass one"),
+    (["--pretrained"], "preset 'cifar-student' has no pretrained weights"),
+])
+def test_model_option_errors_are_one_line_before_any_data(extra: list[str], match: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--model", "cifar-student", "--data", f"imagefolder:{tmp_path / 'no-data'}", "--out",
+            str(tmp_path / "out"), "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main(argv + [arg.format(missing=tmp_path / "missing.safetensors") for arg in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_pretrained_without_a_network_is_one_line(image_folder: Path, tmp_path: Path) -> None:
+    """timm's download fails offline (forced here, with an empty cache): one line pointing at --pretrained-file."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    result = subprocess.run([sys.executable, "-m", "vitkd", "train", "--model", "timm:vit_tiny_patch16_224",
+                             "--pretrained", "--data", f"imagefolder:{image_folder}", "--out", str(tmp_path / "run"),
+                             "--epochs", "1", "--device", "cpu", "--no-progress"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=150, env=env)
+    _assert_one_line_error(result, "cannot download timm's pretrained weights for 'vit_tiny_patch16_224'")
+    assert "--pretrained-file PATH" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the data was read or the run folder made
 
 
 # ----------------------------------------------------------------------------------------------------------- scan

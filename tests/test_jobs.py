@@ -34,6 +34,7 @@ from vitkd.jobs import (
     resume_job,
     start_job,
 )
+from vitkd.models import parse_model_overrides
 from vitkd.rundir import RunDir
 from vitkd.train import TrainConfig
 
@@ -264,3 +265,23 @@ def test_stale_locks_are_cleared(tmp_path: Path) -> None:
         assert job_status(load_job(runs / name)).state == "failed"
     (runs / LOCK_NAME).write_text("{torn")
     assert active_job(runs) is None and not (runs / LOCK_NAME).exists()
+
+
+def test_config_to_args_passes_model_overrides_and_weights(tmp_path: Path) -> None:
+    config = {"model": "timm:vit_tiny_patch16_224", "data": "imagefolder:/d", "epochs": 3,
+              "model_overrides": {"patch_size": 8, "depth": 2, "global_pool": "avg", "qk_norm": True},
+              "pretrained_file": "/w/tiny.safetensors"}
+    args = config_to_args(config)
+    expected = ["train", "--model", "timm:vit_tiny_patch16_224", "--data", "imagefolder:/d", "--epochs", "3",
+                "--batch-size", "128", "--lr", "0.001", "--min-lr", "1e-05", "--weight-decay", "0.05",
+                "--warmup-epochs", "2.0", "--label-smoothing", "0.0", "--augment", "basic", "--seed", "0",
+                "--model-override", "patch_size=8", "--model-override", "depth=2", "--model-override",
+                "global_pool=avg", "--model-override", "qk_norm=true", "--pretrained-file", "/w/tiny.safetensors",
+                "--device", "auto", "--val-fraction", "0.0"]
+    assert args == expected
+    parsed = build_parser().parse_args(args + ["--out", str(tmp_path)])
+    assert parse_model_overrides(parsed.model_overrides) == config["model_overrides"]
+    assert parsed.pretrained_file == "/w/tiny.safetensors" and parsed.pretrained is False
+    assert "--pretrained" in config_to_args({"model": "timm:vit_tiny_patch16_224", "data": "d", "pretrained": True})
+    with pytest.raises(ConfigError, match="unknown model override 'checkpoint_path'"):
+        config_to_args({"model": "cifar-student", "data": "d", "model_overrides": {"checkpoint_path": "x.pth"}})

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file, save_file
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -15,9 +20,12 @@ from vitkd.models import (
     PRESETS,
     ModelConfig,
     build_model,
+    default_img_size,
     describe_model,
+    format_model_overrides,
     has_distillation_token,
     model_config,
+    parse_model_overrides,
 )
 from vitkd.sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 
@@ -151,3 +159,135 @@ def test_presets_command_lists_the_sl_presets(capsys: pytest.CaptureFixture[str]
     for name in ("cifar-teacher-sl", "cifar-student-sl"):
         params = sum(p.numel() for p in build_model(name, 10).parameters())
         assert f"{params / 1e6:.2f}M" in lines[name]
+
+
+# ---------------------------------------------------------------- timm:NAME, overrides, local weights files
+
+TINY_TIMM = dict(depth=1, embed_dim=8, num_heads=2, patch_size=8, img_size=32)  # vit_tiny_patch16_224, shrunk
+
+
+def _timm_weights(path: Path, num_classes: int = 10, **changes) -> dict[str, torch.Tensor]:
+    """Save a tiny timm ViT's weights with safetensors (or torch.save for .pth); return them as written."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **dict(TINY_TIMM, **changes))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return state
+
+
+def test_timm_prefix_builds_the_timm_model_and_records_the_bare_name() -> None:
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY_TIMM)
+    for spelling in ("timm:vit_tiny_patch16_224", "vit_tiny_patch16_224"):
+        model = build_model(spelling, num_classes=3, **TINY_TIMM)
+        assert type(model) is type(reference)
+        assert {k: v.shape for k, v in model.state_dict().items()} == \
+               {k: v.shape for k, v in reference.state_dict().items()}
+        assert model_config(model).name == "vit_tiny_patch16_224"  # what a checkpoint's metadata may name
+    assert default_img_size("timm:vit_tiny_patch16_224") == 224
+
+
+@pytest.mark.parametrize("name, match", [
+    ("timm:", "names no model"),
+    ("timm:cifar-student", "is a vitkd preset, not a timm model: drop the 'timm:' prefix"),
+    ("timm:no_such_vit", "unknown model 'no_such_vit'"),
+])
+def test_timm_prefix_errors(name: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        build_model(name, num_classes=3)
+
+
+def test_parse_model_overrides_reads_json_else_text() -> None:
+    expected = {"patch_size": 8, "depth": 2, "qk_norm": True, "drop_rate": 0.1, "global_pool": "avg",
+                "fc_norm": None}
+    assert parse_model_overrides("patch_size=8, depth=2, qk_norm=true, drop_rate=0.1, global_pool=avg, "
+                                 "fc_norm=null") == expected
+    assert parse_model_overrides(["patch_size=8", "depth = 2", "qk_norm=true,drop_rate=0.1", "global_pool=avg",
+                                  "fc_norm=null"]) == expected
+    assert parse_model_overrides("patch_size=[8, 8], depth=1") == {"patch_size": [8, 8], "depth": 1}
+    assert parse_model_overrides("") == {} and parse_model_overrides([]) == {}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("colour=red", "unknown model override 'colour'"),
+    ("depth", "'depth' is not KEY=VALUE"),
+    ("=3", "is not KEY=VALUE"),
+    ("depth=1, depth=2", "'depth' is given twice"),
+    ("num_classes=3", "'num_classes' is not allowed: the number of classes comes from the data"),
+    ("img_size=64", "'img_size' is not allowed: use --img-size"),
+    ("checkpoint_path=x.pth", "unknown model override 'checkpoint_path'"),  # a loader argument, never passed on
+    ('depth={"a": 1}', "is not a number, true/false, a string or a list"),
+])
+def test_parse_model_overrides_errors_name_the_key(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        parse_model_overrides(text)
+
+
+def test_format_model_overrides_is_what_the_parser_reads_back() -> None:
+    overrides = {"depth": 2, "qk_norm": True, "global_pool": "avg", "patch_size": [8, 8], "drop_rate": 0.25,
+                 "pos_embed": "8"}  # a string that reads as JSON is quoted
+    items = format_model_overrides(overrides)
+    assert items == ["depth=2", "qk_norm=true", "global_pool=avg", "patch_size=[8, 8]", "drop_rate=0.25",
+                     'pos_embed="8"']
+    assert parse_model_overrides(items) == overrides
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("num_classes", [4, 10], ids=["new-head", "same-head"])
+def test_pretrained_file_loads_its_weights_and_a_new_head_when_classes_differ(suffix: str, num_classes: int,
+                                                                              tmp_path: Path) -> None:
+    path = tmp_path / f"tiny{suffix}"
+    _timm_weights(path)
+    written = load_file(str(path)) if suffix == ".safetensors" else torch.load(path, weights_only=True)
+    model = build_model("timm:vit_tiny_patch16_224", num_classes=num_classes, pretrained_file=path, **TINY_TIMM)
+    state = model.state_dict()
+    body = [k for k in written if not k.startswith("head.")]
+    assert body and all(torch.equal(state[k], written[k]) for k in body)
+    assert state["head.weight"].shape == (num_classes, 8)
+    assert torch.equal(state["head.weight"], written["head.weight"]) == (num_classes == 10)
+    assert model_config(model).overrides == {k: v for k, v in TINY_TIMM.items() if k != "img_size"}
+    with torch.device("meta"):  # the pre-check: shapes from the file, nothing read
+        checked = build_model("timm:vit_tiny_patch16_224", num_classes=num_classes, pretrained_file=path,
+                              **TINY_TIMM)
+    assert checked.head.weight.is_meta
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("changes, match", [
+    (dict(depth=2), "the file lacks blocks.1."),
+    (dict(depth=2, num_classes=10), "blocks.1."),  # same head: timm itself loads strictly
+    (dict(embed_dim=16), "size mismatch for cls_token"),
+    (dict(depth=0), "blocks.0."),
+])
+def test_a_mismatched_pretrained_file_is_one_clear_error(device: str, changes: dict, match: str,
+                                                         tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    _timm_weights(path)
+    kwargs = dict(TINY_TIMM, num_classes=4)
+    kwargs.update(changes)
+    with pytest.raises(ConfigError) as info, torch.device(device):
+        build_model("timm:vit_tiny_patch16_224", pretrained_file=path, **kwargs)
+    message = str(info.value)
+    assert message.startswith("--pretrained-file tiny.safetensors does not fit vit_tiny_patch16_224")
+    assert match in message and "\n" not in message and len(message) < 600
+    assert "same model and --model-override values" in message
+
+
+def test_pretrained_file_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    _timm_weights(path)
+    cases = [
+        (dict(name="timm:vit_tiny_patch16_224", pretrained_file=tmp_path / "missing.safetensors"), "no such file"),
+        (dict(name="cifar-student", pretrained_file=path), "preset 'cifar-student' has no pretrained weights"),
+        (dict(name="timm:vit_tiny_patch16_224", pretrained_file=path, pretrained=True), "pass one"),
+    ]
+    (tmp_path / "notes.txt").write_text("x")
+    cases.append((dict(name="timm:vit_tiny_patch16_224", pretrained_file=tmp_path / "notes.txt"),
+                  "not a weights file"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    cases.append((dict(name="timm:vit_tiny_patch16_224", pretrained_file=tmp_path / "junk.safetensors"),
+                  "not a readable weights file"))
+    for kwargs, match in cases:
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            build_model(num_classes=4, **kwargs)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import TinyPair
+from safetensors.torch import load_file, save_file
 
+import vitkd.train
 from vitkd.checkpoint import load_checkpoint, load_training_state, read_checkpoint_meta
+from vitkd.cli import main
 from vitkd.data import load_split
 from vitkd.errors import ConfigError
 from vitkd.models import build_model
@@ -432,3 +438,77 @@ def test_compiled_teacher_capture_with_resampling_matches_eager() -> None:
         assert compiled.compiled_ran and not compiled.eager_only
         assert fast[1].shape == (8, 8, 17, 17)
         torch.testing.assert_close(fast[1], eager[1], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ a timm model from a local weights file
+
+TINY_TIMM = {"depth": 1, "embed_dim": 8, "num_heads": 2, "patch_size": 8}  # vit_tiny_patch16_224, shrunk
+
+
+def _write_timm_file(path: Path, **changes) -> Path:
+    """A tiny timm ViT's weights (10 classes, 32 px) saved with safetensors, as a user would bring them."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, **dict(TINY_TIMM, **changes))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_pretrained_file_initialises_the_first_step(command: str, tmp_path: Path, image_folder: Path,
+                                                    vitkd_cache_dir: Path, tiny_pair: TinyPair,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = _write_timm_file(tmp_path / "tiny-vit.safetensors")
+    expected = load_file(str(weights))  # read back independently of vitkd and timm
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    first: list[dict[str, torch.Tensor]] = []
+    real_step = vitkd.train._step_terms
+
+    def recording_step(run, images, labels):
+        if not first:  # the student as the first step sees it, before any update
+            first.append({k: v.detach().clone() for k, v in run.student.state_dict().items()})
+        return real_step(run, images, labels)
+
+    monkeypatch.setattr(vitkd.train, "_step_terms", recording_step)
+    out = tmp_path / "run"
+    argv = [command, "--model", "timm:vit_tiny_patch16_224", "--img-size", "32", "--pretrained-file", str(weights),
+            "--data", f"imagefolder:{image_folder}", "--out", str(out), "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--cache-dir", str(vitkd_cache_dir), "--no-progress"]
+    for key, value in TINY_TIMM.items():
+        argv += ["--model-override", f"{key}={value}"]
+    if command == "distill":  # the teacher's 8x8 grid resampled onto this student's 4x4
+        argv += ["--teacher", str(tiny_pair.teacher), "--alpha", "0.5"]
+    assert main(argv) == 0
+    assert first, "no training step ran"
+    body = [k for k in expected if not k.startswith("head.")]
+    assert body and all(torch.equal(first[0][k], expected[k]) for k in body)
+    assert first[0]["head.weight"].shape == (4, 8)  # 4 classes in the data, 10 in the file: a new head
+    last = out / "last.safetensors"
+    meta = read_checkpoint_meta(last)
+    assert meta["init_weights"] == {"source": "file", "file": "tiny-vit.safetensors", "sha256": sha256}
+    assert meta["model"] == {"name": "vit_tiny_patch16_224", "num_classes": 4, "img_size": 32,
+                             "overrides": TINY_TIMM}
+    weights.unlink()  # the checkpoint holds its weights: loading it never needs (or opens) the file
+    model, _ = load_checkpoint(last)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, expected["blocks.0.attn.qkv.weight"])  # it trained
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"depth": 2}, "--pretrained-file tiny-vit.safetensors does not fit vit_tiny_patch16_224"),
+    ({"embed_dim": 16}, "size mismatch for cls_token"),
+])
+def test_a_mismatched_pretrained_file_is_refused_before_any_data_is_read(changes: dict, match: str,
+                                                                        tmp_path: Path) -> None:
+    weights = _write_timm_file(tmp_path / "tiny-vit.safetensors", **changes)
+    config = TrainConfig(model="timm:vit_tiny_patch16_224", data=f"imagefolder:{tmp_path / 'no-such-folder'}",
+                         out_dir=str(tmp_path / "run"), epochs=1, warmup_epochs=0.0, img_size=32, device="cpu",
+                         model_overrides=TINY_TIMM, pretrained_file=str(weights))
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_checks_model_overrides() -> None:
+    fields = dict(model="cifar-student", data="cifar10", out_dir="x", epochs=2)
+    with pytest.raises(ConfigError, match="unknown model override 'pretrained_cfg'"):
+        TrainConfig(**fields, model_overrides={"pretrained_cfg": {"file": "x.pth"}})
+    with pytest.raises(ConfigError, match="pass one"):
+        TrainConfig(**fields, pretrained=True, pretrained_file="x.safetensors")

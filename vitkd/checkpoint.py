@@ -4,7 +4,8 @@ Files are never unpickled. Training state for ``--resume`` (optimizer, step, RNG
 second safetensors file beside the checkpoint, written the same atomic way.
 
 Metadata is hostile until checked. ``checkpoint_model_config`` passes on only architecture keys
-(``ARCHITECTURE_KEYS``), never a loader argument such as timm's ``checkpoint_path``.
+(``ARCHITECTURE_KEYS``, defined in ``vitkd.models``: the list ``--model-override`` is checked against too),
+never a loader argument such as timm's ``checkpoint_path``.
 ``load_checkpoint`` compares the architecture with the file before allocating anything: the
 depth with the blocks the header holds, then every parameter shape of the model built on the
 ``meta`` device with the header's shapes (``safe_open(...).get_slice(name).get_shape()``); only a
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_target
-from .models import PRESETS, SL_KEYS, ModelConfig, build_model, model_config
+from .models import _JSON_SCALARS, ARCHITECTURE_KEYS, PRESETS, ModelConfig, _names, build_model, model_config
 
 __all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
            "checkpoint_model_config", "checkpoint_architecture", "save_training_state", "load_training_state",
@@ -36,17 +37,6 @@ __all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_check
 
 FORMAT_VERSION = 1
 _META_KEY = "vitkd"
-# The model overrides a checkpoint may record: timm ``VisionTransformer`` architecture arguments (plain
-# JSON values) and vitkd's own ``SL_KEYS``. Loader arguments (``checkpoint_path``, ``pretrained``,
-# ``pretrained_cfg``, ``cache_dir``, ...) and layer classes (``embed_layer``, ``block_fn``, ...) never are.
-ARCHITECTURE_KEYS: frozenset[str] = frozenset({
-    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
-    "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values",
-    "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm",
-    "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate",
-    "proj_drop_rate", "attn_drop_rate", "drop_path_rate", *SL_KEYS,
-})
-_JSON_SCALARS = (bool, int, float, str, type(None))
 _TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # a registry name with an optional tag, no source prefix
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
@@ -138,10 +128,6 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _mismatch(path: Path, detail: str) -> CheckpointError:
     return CheckpointError(f"{path}: weights do not match the recorded architecture ({detail})")
-
-
-def _names(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def _recorded_depth(config: ModelConfig) -> int | None:

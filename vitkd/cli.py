@@ -16,7 +16,15 @@ __all__ = ["main", "build_parser"]
 
 def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="preset (see `python -m vitkd presets`) or timm ViT name")
+    g.add_argument("--model", required=True,
+                   help="preset (see `python -m vitkd presets`) or a timm ViT: timm:NAME (or bare NAME)")
+    g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE", dest="model_overrides",
+                   help="architecture argument, repeatable (e.g. patch_size=8, depth=2); VALUE is JSON when it parses "
+                        "(8, 0.1, true), else a string")
+    g.add_argument("--pretrained", action="store_true", help="start a timm model from timm's weights (downloads)")
+    g.add_argument("--pretrained-file", default=None, metavar="PATH",
+                   help="start a timm model from a local timm weights file (.safetensors, or .pth/.bin read with "
+                        "weights_only); the classifier is re-initialised when its class count differs")
     g.add_argument("--data", required=True, help="cifar10, cifar100 or imagefolder:PATH")
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     g.add_argument("--img-size", type=int, default=None)
@@ -104,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command in ("train", "distill"):
+        from .models import parse_model_overrides
         from .train import TrainConfig, train
 
         warmup = min(2.0, args.epochs / 10) if args.warmup_epochs is None else args.warmup_epochs
@@ -112,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
                       warmup_epochs=warmup, label_smoothing=args.label_smoothing, augment=args.augment,
                       val_fraction=args.val_fraction,
                       seed=args.seed, img_size=args.img_size, device=args.device, bf16=args.bf16, compile=args.compile,
-                      cache_dir=args.cache_dir, download=args.download)
+                      cache_dir=args.cache_dir, download=args.download,
+                      model_overrides=parse_model_overrides(args.model_overrides), pretrained=args.pretrained,
+                      pretrained_file=args.pretrained_file)
         if args.command == "distill":
             fields.update(teacher=args.teacher, head_map=args.head_map, loss=args.loss, alpha=args.alpha,
                           gate=args.gate, weighting=args.weighting, kd=args.kd, kd_weight=args.kd_weight,

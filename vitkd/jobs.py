@@ -34,6 +34,7 @@ from .rundir import RunDir
 
 __all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "resume_job", "active_job", "job_status", "cancel_job",
            "list_jobs", "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
+           "model_shape",
            "matching_student_presets", "training_roots", "folder_class_names", "DOWNLOADABLE_SOURCES",
            "training_sources", "source_class_names"]
 
@@ -129,23 +130,27 @@ def config_to_args(config: Mapping[str, Any]) -> list[str]:
 
     ``out_dir`` is left out: the job sets it. A teacher makes it ``distill``. Every value is
     written out, because the CLI's defaults are not ``TrainConfig``'s (``--alpha`` is 0.5 there).
+    ``model_overrides`` become one ``--model-override KEY=VALUE`` each (``format_model_overrides``).
     An extra ``threads`` key becomes ``--threads`` (torch CPU threads of the job).
     """
+    from .models import format_model_overrides
     from .train import TrainConfig  # checks every value before a process is spawned
 
     values = dict(config)
     threads = values.pop("threads", None)
     if "out_dir" in values:
         raise ConfigError("a job's out_dir is its run folder; leave out_dir out of the config")
-    if values.get("model_overrides"):
-        raise ConfigError("model_overrides cannot be passed to a job; use a preset or an experiment config")
     if values.get("eval_batch_size", 512) != 512:
         raise ConfigError("eval_batch_size cannot be passed to a job; use an experiment config")
     checked = TrainConfig.from_dict(dict(values, out_dir="unused"))
     distill = checked.teacher is not None
     args = ["distill" if distill else "train"]
     for name, value in checked.to_dict().items():
-        if name in ("out_dir", "model_overrides", "eval_batch_size") or value is None:
+        if name in ("out_dir", "eval_batch_size") or value is None:
+            continue
+        if name == "model_overrides":
+            for item in format_model_overrides(value):
+                args += ["--model-override", item]
             continue
         if not distill and name in _DISTILL_ONLY:
             continue
@@ -519,18 +524,38 @@ def checkpoint_shape(meta: Mapping[str, Any], path: str | Path | None = None) ->
     """
     import torch
 
-    from .attention import token_layout
     from .checkpoint import checkpoint_architecture, checkpoint_model_config
-    from .models import PRESETS, build_model, has_distillation_token
+    from .models import PRESETS, build_model
 
     config = checkpoint_model_config(meta, path or "checkpoint")
     if path is not None:
-        model = checkpoint_architecture(path, meta)
-    elif config.name in PRESETS:
+        return _built_shape(checkpoint_architecture(path, meta))
+    if config.name in PRESETS:
         return _spec_shape(config.name, dict(PRESETS[config.name], **config.overrides), config.img_size)
-    else:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = build_model(config)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return _built_shape(build_model(config))
+
+
+def model_shape(name: str, img_size: int | None = None, overrides: Mapping[str, Any] | None = None) -> ModelShape:
+    """The shape of a preset or timm model (``timm:NAME``) with architecture overrides, built on the ``meta`` device.
+
+    Building is the check: a ``ConfigError`` names an unknown model or overrides it cannot take.
+    No memory is allocated and no weights are read.
+    """
+    import torch
+
+    from .models import build_model, check_model_overrides
+
+    check_model_overrides(overrides or {})
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return _built_shape(build_model(name, num_classes=10, img_size=img_size, **dict(overrides or {})))
+
+
+def _built_shape(model: Any) -> ModelShape:
+    """Depth, heads, input size and token layout of a built ViT (any device)."""
+    from .attention import token_layout
+    from .models import has_distillation_token
+
     layout = token_layout(model)
     return ModelShape(depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
                       img_size=int(model.patch_embed.img_size[0]), grid=layout.grid_size,

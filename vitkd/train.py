@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import signal
@@ -43,7 +44,7 @@ from .distill import (
 )
 from .errors import ConfigError, IncompatibleModelsError, VitkdError
 from .headmap import HeadMap, parse_head_map
-from .models import build_model, count_parameters, default_img_size, has_distillation_token
+from .models import build_model, check_model_overrides, count_parameters, default_img_size, has_distillation_token
 from .resample import check_resamplable, resample_attention, token_resample_matrix
 from .rundir import RunDir
 
@@ -67,6 +68,9 @@ class TrainConfig:
     otherwise the loss is ``alpha * CE + (1 - alpha) * L_att`` over the head map.
     ``val_fraction`` holds out that share of train (the same images for every seed) to choose
     ``best.safetensors``; with 0 (the default) no best checkpoint is written.
+    ``model_overrides`` are architecture keys (``vitkd.models.ARCHITECTURE_KEYS``, ``--model-override``).
+    A timm model may start from timm's weights (``pretrained``, downloaded) or a local timm weights
+    file (``pretrained_file``); the checkpoints record which (``init_weights``), never to be reopened.
     """
 
     model: str
@@ -83,6 +87,8 @@ class TrainConfig:
     seed: int = 0
     img_size: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    pretrained_file: str | None = None
     teacher: str | None = None
     head_map: str | None = None
     loss: str = "kl"
@@ -101,6 +107,10 @@ class TrainConfig:
     val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        check_model_overrides(self.model_overrides)
+        if self.pretrained and self.pretrained_file is not None:
+            raise ConfigError("--pretrained downloads timm's weights and --pretrained-file reads a local file: "
+                              "pass one")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
@@ -298,8 +308,9 @@ def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
 
     Both models are built on the meta device (no memory, no RNG draws). Returns the teacher's metadata.
     """
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        student = build_model(config.model, num_classes=10, img_size=config.img_size, **config.model_overrides)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # a weights file: its header's shapes only
+        student = build_model(config.model, num_classes=10, img_size=config.img_size, pretrained=config.pretrained,
+                              pretrained_file=config.pretrained_file, **config.model_overrides)
     if float(getattr(student.patch_drop, "prob", 0.0) or 0.0) > 0 and config.teacher is not None:
         raise ConfigError("patch_drop_rate > 0 drops student tokens the teacher keeps; attention maps would not "
                           "line up: use patch_drop_rate 0 for distillation")
@@ -407,6 +418,7 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
 
     torch.manual_seed(config.seed)
     student = build_model(config.model, num_classes=len(train_data.class_names), img_size=config.img_size,
+                          pretrained=config.pretrained, pretrained_file=config.pretrained_file,
                           **config.model_overrides).to(device)
     teacher, head_map, teacher_capture, per_sample_fn = None, None, None, None
     if config.teacher is not None:
@@ -439,6 +451,7 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
         "data": config.data,
         "train_config": config.to_dict(),
         "parameters": count_parameters(student),
+        "init_weights": _init_weights(config, student),
         "head_map": head_map.to_list() if head_map else None,
         "teacher": None if teacher_meta is None else {
             "path": str(config.teacher), "model": teacher_meta.get("model"),
@@ -450,6 +463,23 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
                 steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs,
                 warmup_steps=round(config.warmup_epochs * steps_per_epoch), base_meta=base_meta, teacher=teacher,
                 head_map=head_map, teacher_capture=teacher_capture, per_sample_fn=per_sample_fn)
+
+
+def _init_weights(config: TrainConfig, student: torch.nn.Module) -> dict[str, Any] | None:
+    """Which weights the student started from, for the record: timm's (name and tag) or a file (name, sha256).
+
+    Provenance only: loading a checkpoint never reads this (its weights are in the file).
+    """
+    if config.pretrained:
+        return {"source": "timm", "model": student.pretrained_cfg.get("architecture"),
+                "tag": student.pretrained_cfg.get("tag")}
+    if config.pretrained_file is None:
+        return None
+    digest = hashlib.sha256()
+    with open(config.pretrained_file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"source": "file", "file": os.path.basename(config.pretrained_file), "sha256": digest.hexdigest()}
 
 
 def _preview(names: tuple[str, ...] | list[str]) -> str:

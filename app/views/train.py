@@ -23,6 +23,7 @@ from vitkd.jobs import (
     DOWNLOADABLE_SOURCES,
     Job,
     JobStatus,
+    ModelShape,
     active_job,
     cancel_job,
     checkpoint_shape,
@@ -30,13 +31,13 @@ from vitkd.jobs import (
     job_status,
     list_jobs,
     matching_student_presets,
-    preset_shape,
+    model_shape,
     resume_job,
     source_class_names,
     start_job,
     training_sources,
 )
-from vitkd.models import DISTILLED_PRESETS, PRESETS
+from vitkd.models import DISTILLED_PRESETS, PRESETS, TIMM_PREFIX, parse_model_overrides
 
 MODES = {"distill": "Distil a student from a teacher", "train": "Train on labels only (baseline or teacher)"}
 DOWNLOAD_LABELS = {"cifar10": "CIFAR-10 (torchvision, downloaded on first use, 170 MB)",
@@ -50,6 +51,9 @@ HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
 - `head:5.0->3.1;5.2->3.0`: single heads, `teacher_block.head->student_block.head`; `head:5.{0,1}->3.0`
   makes a student head follow the mean of teacher heads 0 and 1.
 """
+OVERRIDES_HELP = """Architecture arguments, comma separated `KEY=VALUE` (the CLI's `--model-override`): e.g.
+`patch_size=8, depth=2`. Values are JSON when they parse (`8`, `0.1`, `true`), else text."""
+MODEL_PICKER_HELP = f"A preset, or type any timm ViT as `{TIMM_PREFIX}NAME` (e.g. `{TIMM_PREFIX}vit_tiny_patch16_224`)."
 STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
 
@@ -189,12 +193,14 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                 f"{t_shape.img_size} px.")
         return None, []
     students = [p for p in presets if "student" in p] + [p for p in presets if "student" not in p]
-    common.ensure_choice("train_student", students, students[0])
     cols = st.columns(2)
-    student = cols[0].selectbox("Student preset", students, key="train_student",
-                                help=f"Presets with the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid, "
-                                     f"trained at the teacher's {t_shape.img_size} px input.")
-    s_shape = preset_shape(student, t_shape.img_size)
+    with cols[0]:
+        student = model_picker("Student model", students, "train_student",
+                               f"Presets with the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid, trained "
+                               f"at the teacher's {t_shape.img_size} px input. " + MODEL_PICKER_HELP)
+    s_shape, overrides = model_fields(student, t_shape.img_size)
+    if s_shape is None:
+        return None, ["fix the student model"]
     deit = student in DISTILLED_PRESETS
     cols[1].caption(f"Teacher: {t_shape.depth} blocks x {t_shape.num_heads} heads. "
                     f"Student: {s_shape.depth} blocks x {s_shape.num_heads} heads"
@@ -217,20 +223,42 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
     gate = cols[2].selectbox("Gate", list(GATES), key="train_gate",
                              help="teacher-correct: distil attention only on images the teacher classifies right")
     fields = {"model": student, "teacher": teacher_path, "head_map": head_map, "loss": loss, "alpha": float(alpha),
-              "gate": gate, "img_size": t_shape.img_size}
+              "gate": gate, "img_size": t_shape.img_size, "model_overrides": overrides}
     if deit:
         fields["kd"] = "deit-hard"
     return fields, problems
 
 
-def train_fields() -> dict[str, Any]:
+def model_picker(label: str, presets: list[str], key: str, help: str) -> str:
+    """A preset selectbox that also takes a typed model (``timm:NAME``); a typed choice stays an option."""
+    typed = st.session_state.get(key)
+    options = presets + ([typed] if isinstance(typed, str) and typed.strip() and typed not in presets else [])
+    common.ensure_choice(key, options, "cifar-student" if "cifar-student" in presets else presets[0])
+    return str(st.selectbox(label, options, key=key, accept_new_options=True, help=help) or "").strip()
+
+
+def model_fields(model: str, img_size: int | None = None) -> tuple[ModelShape | None, dict[str, Any]]:
+    """The overrides text box, then the model's shape with them; (None, {}) after showing the error."""
+    text = st.text_input("Model overrides", key="train_overrides", placeholder="patch_size=8, depth=2",
+                         help=OVERRIDES_HELP)
+    try:
+        overrides = parse_model_overrides(text)
+        shape = model_shape(model, img_size, overrides)
+    except VitkdError as exc:
+        st.error(common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
+        return None, {}
+    return shape, overrides
+
+
+def train_fields() -> dict[str, Any] | None:
     presets = [p for p in PRESETS if p not in DISTILLED_PRESETS]  # a distillation token needs a teacher
-    common.ensure_choice("train_model", presets, "cifar-student" if "cifar-student" in presets else presets[0])
-    model = st.selectbox("Model preset", presets, key="train_model")
-    shape = preset_shape(model)
+    model = model_picker("Model", presets, "train_model", MODEL_PICKER_HELP)
+    shape, overrides = model_fields(model)
+    if shape is None:
+        return None
     st.caption(f"{shape.depth} blocks x {shape.num_heads} heads, {shape.img_size} px input, "
                f"{shape.grid[0]}x{shape.grid[1]} patch grid.")
-    return {"model": model}
+    return {"model": model, "model_overrides": overrides}
 
 
 def main() -> None:
@@ -260,7 +288,8 @@ def main() -> None:
     if mode == "distill":
         fields, problems = distill_fields(teachers)
     else:
-        fields, problems = train_fields(), []
+        fields = train_fields()
+        problems = [] if fields is not None else ["fix the model"]
     source_names = {s: DOWNLOAD_LABELS.get(s) or common.display_path(s.split(":", 1)[1], config) for s in sources}
     common.ensure_choice("train_data", sources, sources[0])
     cols = st.columns(3)
