@@ -16,3 +16,12 @@ $P -m vitkd experiment $C --threads 1 --only student-e2e-mse student-h2h-kl stud
     student-h2h-kl-kd student-h2h-kl-kd-seed1 student-h2h-kl-confidence student-deit-h2h-kl > runs/lane2.log 2>&1 &
 wait
 $P -m vitkd experiment $C --threads "$T"  # every run finished: writes results and the bundle
+# Issue 14: across patch grids (needs the CIFAR-10 teacher above).
+$P -m vitkd experiment configs/cifar10_grid.yaml --threads "$T"
+# Issue 13: SL-ViT teacher, then its baseline and distilled students in two lanes. The second seeds
+# (student-sl-*-seed1) run only if seed 0's gap is within 1 point: `--only student-sl-baseline-seed1 ...`.
+S=configs/cifar10_sl.yaml
+$P -m vitkd experiment $S --threads "$T" --only teacher-sl
+$P -m vitkd experiment $S --threads 1 --only student-sl-baseline > runs/lane1-sl.log 2>&1 &
+$P -m vitkd experiment $S --threads 1 --only student-sl-h2h-kl > runs/lane2-sl.log 2>&1 &
+wait
