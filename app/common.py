@@ -31,6 +31,7 @@ from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import VitkdError
 from vitkd.headmap import HeadMap
 from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image
+from vitkd.maps import heads_text
 from vitkd.pairs import ModelPair, check_pair, model_summary
 from vitkd.rundir import RunDir
 
@@ -480,14 +481,14 @@ def format_accuracy(value: float | None) -> str:
 
 
 def describe_head_map(head_map: HeadMap | None) -> list[str]:
-    """One line per student block: which teacher heads taught its heads."""
+    """One line per student block: which teacher heads taught its heads (``h0 <- T5.h{0,1}``: a group's mean)."""
     if head_map is None:
         return []
     lines = []
     for block in head_map.student_blocks:
-        pairs = [p for p in head_map.pairs if p.student_block == block]
-        lines.append(f"S{block}: " + ", ".join(f"h{p.student_head} <- T{p.teacher_block}.h{p.teacher_head}"
-                                                for p in pairs))
+        groups = [g for g in head_map.groups if g.student_block == block]
+        lines.append(f"S{block}: " + ", ".join(f"h{g.student_head} <- T{g.teacher_block}.h{heads_text(g.teacher_heads)}"
+                                                for g in groups))
     return lines
 
 

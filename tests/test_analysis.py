@@ -17,12 +17,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitkd.agreement import head_divergence, pair_divergences
-from vitkd.analysis import ImageAnalysis, analyze_image, class_rollout, flag_predictions, recompute_rollout
+from vitkd.agreement import (
+    block_divergence,
+    head_divergence,
+    pair_divergences,
+    patches_on_grid,
+    probs_on_layout,
+)
+from vitkd.analysis import (
+    ImageAnalysis,
+    ModelAnalysis,
+    Prediction,
+    analyze_image,
+    class_rollout,
+    flag_predictions,
+    recompute_rollout,
+)
 from vitkd.attention import TokenLayout, capture_attention
 from vitkd.checkpoint import save_checkpoint
 from vitkd.errors import IncompatibleModelsError
 from vitkd.export import analysis_to_csv, analysis_to_json
+from vitkd.headmap import HeadMap
 from vitkd.images import preprocess
 from vitkd.maps import (
     cls_attention_maps,
@@ -30,7 +45,11 @@ from vitkd.maps import (
     comparison_png,
     fused_map,
     mark_patch,
+    mark_query,
+    model_query,
     paired_teacher_block,
+    patch_at,
+    query_grid,
     rollout_map,
 )
 from vitkd.models import build_model
@@ -245,9 +264,20 @@ def test_load_pair_and_incompatibilities(tmp_path: Path, models):
     assert pair.layout == TokenLayout(1, (8, 8)) and pair.img_size == 32 and pair.class_names == tuple(CLASSES)
     assert pair.head_map is not None and pair.head_map.to_list() == HEAD_MAP and pair.notes == ()
 
+    # Different patch grids at the same input size pair up: compared on the coarser grid, each drawn on its own.
     coarse = build_model("cifar-student", 10, depth=2, patch_size=8)  # 4x4 grid
-    with pytest.raises(IncompatibleModelsError, match=r"token grids differ.*8x8 patch grid.*4x4 patch grid"):
-        load_pair(tmp_path / "t.safetensors", save(coarse, meta(), tmp_path / "coarse.safetensors"))
+    pair = load_pair(tmp_path / "t.safetensors", save(coarse, meta(), tmp_path / "coarse.safetensors"))
+    assert pair.layout == TokenLayout(1, (4, 4))
+    assert pair.map_layout("teacher") == TokenLayout(1, (8, 8)) and pair.map_layout("student") == TokenLayout(1, (4, 4))
+    assert pair.tokens("teacher") == tuple(range(65)) and pair.tokens("student") == tuple(range(17))
+    fine = build_model("cifar-student", 10, depth=2, patch_size=2)  # a finer student: 16x16
+    coarse_teacher = build_model("cifar-teacher", 10, depth=2, patch_size=8)  # 4x4
+    for t, s in ((teacher, fine), (coarse_teacher, fine), (fine, coarse)):
+        grids = [m.patch_embed.grid_size for m in (t, s)]
+        assert check_pair(t, t_meta, s, s_meta).layout == TokenLayout(1, tuple(map(min, *grids)))
+    registers = build_model("cifar-student", 10, depth=2, patch_size=8, reg_tokens=2)
+    with pytest.raises(IncompatibleModelsError, match=r"prefix tokens differ.*1 prefix token.*3 prefix token"):
+        check_pair(teacher, t_meta, registers, meta())
     bigger = build_model("cifar-student", 10, img_size=64, depth=2, patch_size=8)  # also 8x8, but 64 px
     with pytest.raises(IncompatibleModelsError, match="input sizes differ.*32x32.*64x64"):
         check_pair(teacher, t_meta, bigger, dict(meta(), img_size=64))
@@ -292,10 +322,140 @@ def test_pair_divergences_and_rank(analysis):
     for r in rows:
         matrix = head_divergence(analysis.student.attn_probs[r["student_block"]],
                                  analysis.teacher.attn_probs[r["teacher_block"]])
+        # Same grids: nothing is resampled, the numbers are exactly those of the maps as captured.
+        assert probs_on_layout(analysis.teacher.attn_probs, analysis.teacher.layout, analysis.layout) is \
+            analysis.teacher.attn_probs
+        np.testing.assert_array_equal(block_divergence(analysis, r["teacher_block"], r["student_block"]), matrix)
         row = matrix[r["student_head"]]
-        assert r["js"] == pytest.approx(row[r["teacher_head"]], rel=1e-9)
+        assert r["js"] == row[r["teacher_head"]]
         assert r["rank"] == 1 + sorted(row.tolist()).index(row[r["teacher_head"]])
         assert r["teacher_heads"] == 8
+
+
+def _toy_model(role: str, attn: np.ndarray, layout: TokenLayout) -> ModelAnalysis:
+    """A model's analysis holding only hand-made attention [L, H, T, T] (predictions are placeholders)."""
+    return ModelAnalysis(role=role, logits=np.zeros(2), probs=np.array([0.5, 0.5]), top_k=(Prediction(0, "a", 0.5),),
+                         attn_probs=attn, rollout=attn[0, 0], inputs=torch.zeros(1, 3, 8, 8), layout=layout)
+
+
+def _coarsen_by_hand(p: np.ndarray, fine: int, coarse: int) -> np.ndarray:
+    """[T, T] on CLS + fine x fine -> CLS + coarse x coarse, with loops: a coarse query row is the mean of the
+    fine query rows it covers, a coarse key holds the sum of the fine keys it covers; CLS rows/columns stay."""
+    k = fine // coarse
+    cells = [[1 + fine * r + c for r in range(i * k, (i + 1) * k) for c in range(j * k, (j + 1) * k)]
+             for i in range(coarse) for j in range(coarse)]
+    groups = [[0], *cells]
+    out = np.zeros((len(groups), len(groups)))
+    for qi, queries in enumerate(groups):
+        for ki, keys in enumerate(groups):
+            out[qi, ki] = sum(sum(p[q, key] for key in keys) for q in queries) / len(queries)
+    return out
+
+
+@pytest.mark.parametrize("finer", ["teacher", "student"])
+def test_divergences_across_grids_match_a_hand_resampled_reference(finer: str):
+    """A 4x4-grid model against a 2x2-grid one: the heatmap and the distilled pairs (a group of two teacher
+    heads, mean in probability space) equal JS in plain Python on attention coarsened by hand."""
+    fine, coarse = TokenLayout(1, (4, 4)), TokenLayout(1, (2, 2))
+    t_layout, s_layout = (fine, coarse) if finer == "teacher" else (coarse, fine)
+    t_attn = toy_probs(3, t_layout, seed=4)[None]  # [1 block, 3 heads, T, T]
+    s_attn = toy_probs(2, s_layout, seed=5)[None]
+    s_attn[0, 1, 0] = 0.0
+    s_attn[0, 1, 0, 2] = 1.0  # a one-hot CLS row: zeros must not give NaN
+    head_map = HeadMap.from_list([[0, [0, 2], 0, 0], [0, 1, 0, 1]])
+    analysis = ImageAnalysis(np.zeros((8, 8, 3), np.uint8), ("a", "b"), coarse, head_map,
+                             _toy_model("teacher", t_attn, t_layout), _toy_model("student", s_attn, s_layout), None,
+                             "mean", 0.0)
+
+    def on_coarse(p: np.ndarray, layout: TokenLayout) -> np.ndarray:
+        return p if layout == coarse else _coarsen_by_hand(p, 4, 2)
+
+    t_ref = [on_coarse(t_attn[0, h], t_layout) for h in range(3)]
+    s_ref = [on_coarse(s_attn[0, h], s_layout) for h in range(2)]
+    group_ref = on_coarse((t_attn[0, 0] + t_attn[0, 2]) / 2, t_layout)  # the group's mean, then resampled
+    js = lambda a, b: np.mean([js_reference(list(a[r]), list(b[r])) for r in range(5)])
+    matrix = block_divergence(analysis, 0, 0)
+    assert matrix.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            assert matrix[i, j] == pytest.approx(js(s_ref[i], t_ref[j]), rel=1e-9, abs=1e-12)
+    rows = pair_divergences(analysis)
+    assert [(r["teacher_head"], r["student_head"]) for r in rows] == [([0, 2], 0), (1, 1)]
+    assert rows[0]["js"] == pytest.approx(js(s_ref[0], group_ref), rel=1e-9, abs=1e-12)
+    assert rows[1]["js"] == pytest.approx(js(s_ref[1], t_ref[1]), rel=1e-9, abs=1e-12)
+    assert rows[0]["rank"] == 1 + sum(js(s_ref[0], t) < rows[0]["js"] for t in t_ref)
+    assert rows[1]["rank"] == 1 + sorted(matrix[1].tolist()).index(matrix[1, 1])
+    # the scan's rollout rows: a distribution over 16 patches onto 4 (sums of 2x2 cells), renormalised
+    fine_cls = (t_attn if finer == "teacher" else s_attn)[0, 0, 0, 1:]
+    row = torch.from_numpy(fine_cls / fine_cls.sum())
+    coarse_row = patches_on_grid(row, (4, 4), (2, 2))
+    expected = [sum(float(row[4 * r + c]) for r in (2 * i, 2 * i + 1) for c in (2 * j, 2 * j + 1))
+                for i in range(2) for j in range(2)]
+    np.testing.assert_allclose(coarse_row.numpy(), expected, rtol=1e-12)
+    assert patches_on_grid(row, (4, 4), (4, 4)) is row
+
+
+def test_query_patch_maps_to_the_patch_covering_the_same_point():
+    # Reference: the centre pixel of the query patch on a 32 px image, and the patch of the other grid holding it.
+    for grid, target in (((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 6), (4, 4)), ((8, 4), (2, 8))):
+        for row in range(grid[0]):
+            for col in range(grid[1]):
+                y, x = (row + 0.5) * 32 / grid[0], (col + 0.5) * 32 / grid[1]
+                assert patch_at((row, col), grid, target) == (int(y // (32 / target[0])), int(x // (32 / target[1])))
+    assert patch_at((3, 1), (8, 8), (8, 8)) == (3, 1)
+    with pytest.raises(ValueError, match="outside the 8x8 grid"):
+        patch_at((8, 0), (8, 8), (4, 4))
+
+
+@pytest.fixture(scope="module")
+def grid_analysis(models) -> ImageAnalysis:
+    """The 8x8-grid teacher against a 4x4-grid student, with a group of teacher heads in the head map."""
+    teacher, t_meta, _, _ = models
+    torch.manual_seed(1)
+    coarse = sharpen_attention_copy(build_model("cifar-student", 10, depth=2, patch_size=8))
+    rows = [[1, [0, 1], 1, 0], [1, 5, 1, 2], [0, [2, 3, 4], 0, 1]]
+    return analyze_image(teacher, t_meta, coarse, meta(head_map=rows), random_image(0), true_label=3)
+
+
+def sharpen_attention_copy(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[: 2 * blk.attn.qkv.weight.shape[1]] *= 5.0
+    return model.eval()
+
+
+def test_different_grids_each_model_on_its_own_grid(grid_analysis: ImageAnalysis):
+    a = grid_analysis
+    assert a.layout == TokenLayout(1, (4, 4)) and not a.same_grid
+    assert a.teacher.layout == TokenLayout(1, (8, 8)) and a.teacher.attn_probs.shape[-1] == 65
+    assert a.student.layout == TokenLayout(1, (4, 4)) and a.student.attn_probs.shape[-1] == 17
+    assert query_grid(a) == (8, 8)
+    assert model_query(a, "teacher", (5, 2)) == (5, 2) and model_query(a, "student", (5, 2)) == (2, 1)
+    comp = compare_heads(a, 1, 1, query=(5, 2), size=64, scale="map", colormap="viridis")
+    big = enlarge_image(a.image_rgb, 64)
+    t_map = cls_attention_maps(a.teacher.attn_probs[1], a.teacher.layout, (5, 2))[4]
+    s_map = cls_attention_maps(a.student.attn_probs[1], a.student.layout, (2, 1))[3]
+    assert s_map.shape == (4, 4)
+    np.testing.assert_array_equal(comp.teacher[4].image, overlay(big, t_map, 0.5, "viridis", t_map.min(), t_map.max()))
+    np.testing.assert_array_equal(comp.student[3].image, overlay(big, s_map, 0.5, "viridis", s_map.min(), s_map.max()))
+    # A student head taught by a group is framed with each of its teacher heads.
+    assert comp.student[0].caption == "S1.h0 <- taught by T1.h{0,1}" and comp.student[0].highlighted
+    assert [t.highlighted for t in comp.teacher] == [True, True, False, False, False, True, False, False]
+    assert comp.teacher[1].caption == "T1.h1 -> S1.h0"
+    # The preview frames each model's own query patch (teacher 4 px cells, student 8 px cells on 32 px).
+    marked = mark_query(a, (5, 2), 32)
+    plain = enlarge_image(a.image_rgb, 32)
+    changed = np.argwhere((marked != plain).any(axis=-1))
+    assert (changed[:, 0].min(), changed[:, 0].max(), changed[:, 1].min(), changed[:, 1].max()) == (16, 23, 8, 15)
+    assert (marked[20:24, 8:12] != plain[20:24, 8:12]).any()  # the teacher's patch (5, 2): rows 20-23, cols 8-11
+    doc = json.loads(analysis_to_json(a, "x.png"))
+    assert doc["grid"] == [4, 4] and doc["teacher"]["grid"] == [8, 8] and doc["student"]["grid"] == [4, 4]
+    assert np.array(doc["student"]["cls_attention"]).shape == (2, 4, 4, 4)
+    assert np.array(doc["teacher"]["rollout"]).shape == (8, 8)
+    assert [r["teacher_head"] for r in doc["pair_divergence"]] == [[0, 1], 5, [2, 3, 4]]
+    csv_rows = [r for r in csv.DictReader(io.StringIO(analysis_to_csv(a))) if r["quantity"] == "pair_js"]
+    assert [r["teacher_head"] for r in csv_rows] == ["{0,1}", "5", "{2,3,4}"]
+    assert rollout_map(recompute_rollout(a.student), a.student.layout).shape == (4, 4)
 
 
 def test_compare_heads_captions_and_shared_scale(analysis):

@@ -1,9 +1,11 @@
 """The Explore page through Streamlit's AppTest, on tiny generated checkpoints: examples, uploads (good and bad),
-images sent from other pages, model switches, broken checkpoints and incompatible pairs; plus server config."""
+images sent from other pages, model switches, a pair with different patch grids, broken checkpoints and
+incompatible pairs; plus server config."""
 
 from __future__ import annotations
 
 import ast
+import base64
 import io
 import json
 import os
@@ -19,7 +21,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import app.common as common
-from vitkd.agreement import pair_divergences
+from vitkd.agreement import block_divergence, pair_divergences
 from vitkd.analysis import analyze_pair
 from vitkd.checkpoint import save_checkpoint
 from vitkd.images import load_image
@@ -29,6 +31,8 @@ from vitkd.pairs import load_pair
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 HEAD_MAP = [[1, h, 1, h] for h in range(4)] + [[0, 0, 0, 2]]
+# the 4x4-grid student: each head of block 1 follows the mean of two teacher heads (8 -> 4, grouped evenly)
+GROUP_MAP = [[1, [2 * h, 2 * h + 1], 1, h] for h in range(4)]
 TIMEOUT = 60
 
 
@@ -36,7 +40,8 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory, sharpen) -> Path:
-    """tiny-teacher, a distilled and a baseline student, an incompatible 4x4-grid student, two broken files."""
+    """tiny-teacher, a distilled and a baseline student, a 4x4-grid student taught by groups of teacher heads,
+    an incompatible student (other classes), two broken files."""
     folder = tmp_path_factory.mktemp("app_ckpts")
     torch.manual_seed(0)
     meta = dict(class_names=CIFAR, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], img_size=32, data="cifar10",
@@ -48,8 +53,10 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory, sharpen) -> Path:
                     folder / "tiny-student-distilled.safetensors")
     save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2), 5.0), dict(meta, kind="supervised"),
                     folder / "tiny-student-baseline.safetensors")
-    save_checkpoint(build_model("cifar-student", 10, depth=2, patch_size=8), dict(meta, kind="supervised"),
-                    folder / "coarse-student.safetensors")
+    save_checkpoint(sharpen(build_model("cifar-student", 10, depth=2, patch_size=8), 5.0),
+                    dict(meta, kind="distilled", head_map=GROUP_MAP), folder / "coarse-student.safetensors")
+    save_checkpoint(build_model("cifar-student", 5, depth=2), dict(meta, class_names=CIFAR[:5], kind="supervised"),
+                    folder / "five-class-student.safetensors")
     (folder / "broken.safetensors").write_bytes(b"not a checkpoint at all")
     good = (folder / "tiny-student-baseline.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
@@ -177,12 +184,51 @@ def test_model_switch_and_incompatible_pair(app_env: Path):
                                                    common.examples()[0].path.read_bytes())
     # (AppTest 1.67 drops entrypoint-drawn sidebar elements after the first run of a multipage app, so the
     # sidebar's own messages are checked on fresh sessions below.)
-    at = start(student=app_env / "coarse-student.safetensors")
+    at = start(student=app_env / "five-class-student.safetensors")
     assert not at.exception
     errors = " ".join(e.value for e in at.sidebar.error)
-    assert "token grids differ" in errors and "8x8" in errors and "4x4" in errors
+    assert "classes differ" in errors and "10 classes" in errors and "5 classes" in errors
     assert any("compatible teacher and student" in i.value for i in at.main.info)
     assert not at.get("plotly_chart")
+
+
+def test_a_pair_with_different_patch_grids(app_env: Path):
+    """An 8x8-grid teacher and a 4x4-grid student: both predictions, each model's maps on its own grid, the query
+    patch mapped onto each grid, agreement on the coarser grid with every head of a group framed."""
+    at = start(student=app_env / "coarse-student.safetensors")
+    assert not at.exception and main_errors(at) == []
+    assert not any("differ" in e.value for e in at.sidebar.error)
+    example = common.examples()[0]
+    assert chart_titles(at)[:2] == expected_titles(app_env, "coarse-student.safetensors", example.path.read_bytes())
+    tiles = [caption for image in at.main.image for caption in image.captions]
+    assert "S1.h0 <- taught by T1.h{0,1}" in tiles and "T1.h1 -> S1.h0" in tiles
+    at.segmented_control(key="explore_query_kind").set_value("patch").run()
+    assert at.number_input(key="explore_qrow").value == 4  # the query is chosen on the finer (8x8) grid
+    at.number_input(key="explore_qrow").set_value(7).run()
+    at.number_input(key="explore_qcol").set_value(2).run()
+    assert not at.exception and main_errors(at) == []
+    assert any("teacher patch (7, 2) of its 8x8 grid" in c.value and "student patch (3, 1) of its 4x4 grid" in c.value
+               for c in at.caption)
+    at.session_state["explore_overview"] = True  # the all-blocks overview, each model on its own grid
+    at.run()
+    assert not at.exception and main_errors(at) == []
+    assert "Student: 2 blocks x 4 heads" in [caption for image in at.main.image for caption in image.captions]
+    open_tab(at, "Rollout")
+    assert not at.exception and main_errors(at) == []
+    open_tab(at, "Agreement")
+    assert not at.exception and main_errors(at) == []
+    assert any("coarser 4x4 patch grid" in m.value for m in at.markdown)
+    pair = load_pair(app_env / "tiny-teacher.safetensors", app_env / "coarse-student.safetensors")
+    ref = pair_divergences(analyze_pair(pair, load_image(example.path.read_bytes()), CIFAR.index(example.label)))
+    table = at.dataframe[0].value
+    assert list(table["teacher head"]) == [f"T1.h{{{2 * h},{2 * h + 1}}}" for h in range(4)]
+    np.testing.assert_allclose(table["JS divergence (bits)"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
+    heatmap = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"]
+    z = heatmap[0]["z"]  # plotly's typed array: base64 float64, "rows, cols"
+    shown = np.frombuffer(base64.b64decode(z["bdata"]), z["dtype"]).reshape(4, 8)
+    analysis = analyze_pair(pair, load_image(example.path.read_bytes()))
+    np.testing.assert_allclose(shown, block_divergence(analysis, 1, 1), atol=1e-12)
+    assert len(heatmap[1]["x"]) == 8  # each student head framed with both teacher heads of its group
 
 
 def huge_png(width: int, height: int) -> bytes:
@@ -225,15 +271,39 @@ def test_bad_uploads_each_get_an_error_and_good_ones_still_work(app_env: Path):
     assert set(at.radio(key="explore_choice").options) == {"good.png", common.examples()[0].name}
 
 
+def big_flat_png(side: tuple[int, int], seed: int) -> bytes:
+    """A large, highly compressible PNG (a few flat bands): small to upload, big when decoded."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(rng.integers(0, 255, (8, 1, 3), dtype=np.uint8), -(-side[0] // 8), axis=0)[:side[0]]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(rows, (side[0], side[1], 3)))).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_uploads_past_the_session_cap_get_a_message(app_env: Path, monkeypatch: pytest.MonkeyPatch):
+    """Many large compressible uploads: only the first ``cap`` are decoded, each straight to a small copy
+    (long side DISPLAY_SIDE), which is what the cache keeps; the rest get one clear message."""
+    from vitkd.images import DISPLAY_SIDE
+
     cap = 20  # app/views/explore.py MAX_UPLOADS
-    files = [(f"img{i:02d}.png", png_bytes((36, 36), seed=100 + i), "image/png") for i in range(cap + 3)]
-    decoded = []
-    monkeypatch.setattr(common, "load_image", lambda data, **kw: decoded.append(data) or load_image(data, **kw))
+    side = (2400, 1800)  # 4.3 MP, 13 MB decoded, a few KB as PNG
+    files = [(f"img{i:02d}.png", big_flat_png(side, seed=100 + i), "image/png") for i in range(cap + 3)]
+    assert all(len(data) < 64_000 for _, data, _ in files)
+    decoded, kept = [], []
+
+    def recording(data, **kw):
+        decoded.append(data)
+        image = load_image(data, **kw)
+        kept.append(image.size)
+        return image
+
+    monkeypatch.setattr(common, "load_image", recording)
     common.decode_image.clear()
     at = start()
     at.file_uploader(key="explore_uploads").set_value(files).run()
     assert len(decoded) == 1 + cap  # the example on opening, then the first `cap` uploads only
+    # Every upload's kept copy: the long side scaled from 2400 to DISPLAY_SIDE, the aspect ratio kept.
+    assert kept[1:] == [(side[1] * DISPLAY_SIDE // side[0], DISPLAY_SIDE)] * cap, kept
     assert not at.exception and main_errors(at) == []
     warnings = [w.value for w in at.main.warning]
     assert len(warnings) == 1, warnings

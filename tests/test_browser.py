@@ -1,7 +1,8 @@
 """End to end in headless Chromium: a real ``streamlit run`` server, uploads through the page's file input.
 
-Checks that an uploaded image's predictions and maps render without an exception box, and that
-two browser sessions uploading different images each see their own. Expected predictions are
+Checks that an uploaded image's predictions and maps render without an exception box, that
+two browser sessions uploading different images each see their own, and that a teacher and a
+student with different patch grids (8x8 and 4x4) are shown side by side. Expected predictions are
 computed here, independently of the server, from the pair the server picks by default.
 Skipped only outside CI when Chromium is missing; in CI (``CI=true``) a missing Chromium fails.
 """
@@ -49,6 +50,38 @@ def server(chromium_path: str, tiny_pair, tmp_path_factory: pytest.TempPathFacto
     env.pop("VITKD_DATA_ROOTS", None)
     with driver.streamlit_server(env, root / "server.log") as url:
         yield url, env
+
+
+@pytest.fixture(scope="module")
+def grid_server(chromium_path: str, tiny_pair, tmp_path_factory: pytest.TempPathFactory):
+    """The app seeing the tiny pair (plus whatever checkpoints/ bundles) and a student with twice the default
+    teacher's patch size: a 4x4 grid where the teacher has 8x8. Yields the URL, the environment, the default
+    teacher's path and the coarse student's."""
+    import torch
+
+    from app.common import default_pair, list_checkpoints, parse_server_config
+    from vitkd.attention import token_layout
+    from vitkd.checkpoint import load_checkpoint, save_checkpoint
+    from vitkd.models import build_model
+
+    root = tmp_path_factory.mktemp("browser-grids")
+    checkpoints = root / "grids"
+    checkpoints.mkdir()
+    shutil.copy(tiny_pair.teacher, checkpoints / "tiny-teacher.safetensors")
+    env = dict(os.environ, VITKD_CHECKPOINT_DIRS=str(checkpoints), VITKD_RUNS_DIR=str(root / "runs"),
+               VITKD_ENABLE_TRAINING="0")
+    env.pop("VITKD_DATA_ROOTS", None)
+    teacher_entry, _ = default_pair([e for e in list_checkpoints(parse_server_config([], env)) if e.error is None])
+    teacher, meta = load_checkpoint(teacher_entry.path)
+    patch = int(teacher.patch_embed.patch_size[0]) * 2
+    torch.manual_seed(0)
+    coarse = build_model("cifar-student", len(meta["class_names"]), img_size=int(meta["img_size"]), depth=2,
+                         patch_size=patch).eval()
+    assert token_layout(coarse).grid_size != token_layout(teacher).grid_size
+    student = save_checkpoint(coarse, {k: meta[k] for k in ("class_names", "mean", "std", "img_size")}
+                              | {"kind": "supervised"}, checkpoints / "tiny-student-coarse.safetensors")
+    with driver.streamlit_server(env, root / "server.log") as url:
+        yield url, env, Path(teacher_entry.path), student
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +152,39 @@ def test_upload_renders_predictions_and_maps(server, browser, tmp_path: Path) ->
         with Image.open(io.BytesIO(downloads["Overlays (PNG)"])) as png:
             assert png.format == "PNG" and png.width >= 8 * 150  # a row of teacher head maps at least
         assert json.loads(downloads["Numbers (JSON)"])["image"] == image.name
+    finally:
+        page.close()
+
+
+def test_upload_to_a_pair_with_different_patch_grids(grid_server, browser, tmp_path: Path) -> None:
+    """Pick the coarse student in the sidebar, upload an image: both models' predictions and head maps."""
+    from vitkd.analysis import analyze_pair
+    from vitkd.images import load_image
+    from vitkd.pairs import load_pair
+
+    url, _, teacher, student = grid_server
+    image = _write_image(tmp_path / "upload-grids.png", (40, 160, 200), seed=5)
+    pair = load_pair(teacher, student)
+    assert pair.model_layout("teacher").grid_size != pair.model_layout("student").grid_size
+    analysis = analyze_pair(pair, load_image(image))
+    expected = {role: (result.top_k[0].name, float(result.top_k[0].prob))
+                for role, result in (("Teacher", analysis.teacher), ("Student", analysis.student))}
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        driver.open_app(page, url)
+        picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(1)  # Teacher, Student
+        picker.click()
+        page.get_by_role("option", name="grids/tiny-student-coarse").click()
+        page.get_by_text("grids/tiny-student-coarse (student)").first.wait_for(timeout=60_000)  # the pair in use
+        driver.wait_idle(page)
+        _no_exception(page)
+        driver.start_upload(page, image)
+        driver.wait_for_image(page, image.name)
+        _no_exception(page)
+        _check_predictions(page, expected)
+        heads = analysis.student.num_heads
+        assert page.get_by_text(f"S1.h{heads - 1}", exact=True).count() == 1  # the student's maps, own grid
+        page.screenshot(path=str(tmp_path / "grids.png"), full_page=True)
     finally:
         page.close()
 

@@ -258,7 +258,7 @@ def test_scan_text_output_in_a_subprocess(tiny_pair, image_folder: Path) -> None
     (["--teacher", "{missing}"], "no such checkpoint"),
     (["--data", "imagefolder:{missing}"], "does not exist"),
     (["--data", "imagefolder:{other}"], "the models predict 4 classes (blue, gray, green, red) but"),
-    (["--student", "{coarse}"], "the student a 4x4 patch grid"),
+    (["--student", "{renamed}"], "and student classes (red, green, blue, gray) differ"),
     (["--limit", "0"], "limit must be positive"),
     (["--csv", "{not_a_dir}/scan.csv"], "cannot write the scan's CSV to"),
 ])
@@ -272,12 +272,12 @@ def test_scan_user_errors_are_one_line(argv: list[str], match: str, tiny_pair, i
         (other / split / "cat").mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(other / split / "cat" / "0.png")
     _, meta = load_checkpoint(tiny_pair.student)
-    coarse = build_model("cifar-student", 4, patch_size=8, depth=1)  # 32 px, 8 px patches: a 4x4 grid
-    coarse_meta = {k: meta[k] for k in ("class_names", "mean", "std", "img_size")}
-    save_checkpoint(coarse, coarse_meta, tmp_path / "c.safetensors")
+    renamed = build_model("cifar-student", 4, patch_size=8, depth=1)  # another grid scans; other classes do not
+    renamed_meta = dict({k: meta[k] for k in ("mean", "std", "img_size")}, class_names=["red", "green", "blue", "gray"])
+    save_checkpoint(renamed, renamed_meta, tmp_path / "r.safetensors")
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    values = dict(missing=tmp_path / "missing", other=other, coarse=tmp_path / "c.safetensors", not_a_dir=not_a_dir)
+    values = dict(missing=tmp_path / "missing", other=other, renamed=tmp_path / "r.safetensors", not_a_dir=not_a_dir)
     options = {"--teacher": str(tiny_pair.teacher), "--student": str(tiny_pair.student),
                "--data": f"imagefolder:{image_folder}", "--device": "cpu"}
     extra = [arg.format(**values) for arg in argv]

@@ -313,14 +313,88 @@ def test_deit_student_with_plain_teacher_divergence_over_patches(pair, tmp_path:
     assert [r.divergence for r in swapped.rows] == pytest.approx([r.divergence for r in fast.rows], rel=1e-6)
 
 
-def test_different_patch_grids_are_refused(pair) -> None:
-    teacher, teacher_meta, _, student_meta, folder = pair
-    coarse = build_model("cifar-student", 3, patch_size=8, depth=1, num_heads=2, embed_dim=32).eval()  # 4x4 grid
-    for scan in (lambda: scan_split(teacher, teacher_meta, coarse, student_meta, folder),
-                 lambda: scan_data(teacher, teacher_meta, coarse, student_meta, _source(folder))):
-        with pytest.raises(IncompatibleModelsError, match=r"teacher has a 8x8 patch grid after 1 prefix token\(s\) "
-                                                          r"and the student a 4x4 patch grid"):
-            scan()
+def _coarse_student(directory: Path) -> tuple[torch.nn.Module, dict]:
+    """A student with patch 8: a 4x4 grid where the teacher has 8x8, a quarter of the tokens."""
+    torch.manual_seed(7)
+    model = build_model("cifar-student", len(CLASS_NAMES), patch_size=8, depth=2, num_heads=2, embed_dim=32)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.normal_(0.0, 0.5)
+    meta = {"class_names": list(CLASS_NAMES), "mean": list(MEAN), "std": list(STD), "img_size": 32,
+            "kind": "supervised", "data": "imagefolder:tiny"}
+    return load_checkpoint(save_checkpoint(model, meta, directory / "coarse.safetensors"))
+
+
+def _coarsen_row(row: np.ndarray, fine: int, coarse: int) -> np.ndarray:
+    """A distribution over fine x fine patches onto coarse x coarse, by loops: each coarse patch holds the sum of
+    the fine patches it covers."""
+    k = fine // coarse
+    out = np.zeros(coarse * coarse)
+    for r in range(fine):
+        for c in range(fine):
+            out[(r // k) * coarse + c // k] += row[r * fine + c]
+    return out / out.sum()
+
+
+def test_different_patch_grids_compare_on_the_coarser_grid(pair, tmp_path: Path) -> None:
+    teacher, teacher_meta, _, _, folder = pair
+    coarse, coarse_meta = _coarse_student(tmp_path)
+    slow = scan_split(teacher, teacher_meta, coarse, coarse_meta, folder)
+    fast = scan_data(teacher, teacher_meta, coarse, coarse_meta, _source(folder))
+    _assert_same_rows(fast, slow)
+    expected_counts = dict.fromkeys(GROUPS, 0)
+    for row in fast.rows:
+        x = _reference_pixels(row.path)
+        t_probs, t_attn = _reference_probs_and_attention(teacher, x)
+        s_probs, s_attn = _reference_probs_and_attention(coarse, x)
+        assert s_attn[0].shape[-1] == 17  # CLS and 16 patches
+        assert row.teacher_pred == int(t_probs.argmax()) and row.student_pred == int(s_probs.argmax())
+        expected_counts[row.group] += 1
+        t_row = _coarsen_row(_numpy_rollout_cls(t_attn), 8, 4)  # the teacher's rollout onto the student's 4x4
+        expected = _numpy_js_bits(t_row, _numpy_rollout_cls(s_attn))
+        assert expected > 1e-4
+        assert row.divergence == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert fast.counts == expected_counts
+    # The finer model as the student: the same comparison, JS is symmetric.
+    swapped = scan_data(coarse, coarse_meta, teacher, teacher_meta, _source(folder))
+    assert [r.divergence for r in swapped.rows] == pytest.approx([r.divergence for r in fast.rows], rel=1e-6)
+
+
+def test_app_scans_a_pair_with_different_grids_like_the_library(pair, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Misclassifications page on the 8x8 teacher and the 4x4 student: the counts ``scan_folder`` gives."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from app import common
+
+    teacher, teacher_meta, _, _, folder = pair
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    coarse, coarse_meta = _coarse_student(checkpoints)
+    teacher_path = save_checkpoint(teacher, dict(teacher_meta), checkpoints / "teacher.safetensors")
+    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
+    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(checkpoints))
+    monkeypatch.setenv("VITKD_DATA_ROOTS", str(folder.parent))
+    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")
+    st.cache_data.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=60)
+    at.session_state[common.TEACHER_KEY] = str(teacher_path)
+    at.session_state[common.STUDENT_KEY] = str(checkpoints / "coarse.safetensors")
+    at.switch_page("views/misclassified.py")
+    at.run()
+    split = at.selectbox(key="misc_split")
+    split.set_value(next(o for o in split.options if o.startswith(f"{folder.parent.name}/test"))).run()
+    at.button[0].click().run()  # Scan
+    assert not at.exception and not at.main.error
+    expected = scan_folder(teacher, teacher_meta, coarse, coarse_meta, folder)
+    assert sum(expected.counts.values()) == 21
+    shown = {t.label.rsplit(" (", 1)[0]: int(t.label.rsplit("(", 1)[1].rstrip(")")) for t in at.tabs}
+    assert shown == {vitkd.scan.GROUP_TITLES[g]: n for g, n in expected.counts.items()}
+    table = at.dataframe[0].value
+    assert sorted(table["attention JS (bits)"]) == pytest.approx(sorted(round(r.divergence, 5)
+                                                                        for r in expected.rows), abs=1e-5)
 
 
 def test_per_image_path_holds_one_full_size_image_at_a_time(pair, tmp_path: Path, monkeypatch) -> None:

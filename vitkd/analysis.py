@@ -40,10 +40,12 @@ class ModelAnalysis:
     ``attn_probs`` [L, H, T, T] holds every block's attention probabilities; ``rollout``
     [T, T] the attention rollout with the analysis' head fusion and discard ratio;
     ``inputs`` [1, 3, S, S] the normalised input (for ``class_rollout``). ``T`` counts the tokens
-    of ``ImageAnalysis.layout``: ``tokens`` are their indices among the model's own tokens (all of
-    them, unless a DeiT model next to a plain one loses its distillation token, its rows
-    renormalised: ``vitkd.pairs.restrict_tokens``); ``full_attn_probs`` then keeps every token's
-    attention, so rollouts are computed over the tokens the model really used and restricted after.
+    of ``layout``: the pair's shared prefix tokens on this model's own patch grid
+    (``ModelPair.map_layout``; the two models' grids may differ). ``tokens`` are their indices
+    among the model's own tokens (all of them, unless a DeiT model next to a plain one loses its
+    distillation token, its rows renormalised: ``vitkd.pairs.restrict_tokens``); ``full_attn_probs``
+    then keeps every token's attention, so rollouts are computed over the tokens the model really
+    used and restricted after.
     """
 
     role: str
@@ -53,6 +55,7 @@ class ModelAnalysis:
     attn_probs: np.ndarray
     rollout: np.ndarray
     inputs: torch.Tensor
+    layout: TokenLayout
     tokens: tuple[int, ...] = ()
     full_attn_probs: np.ndarray | None = None
 
@@ -109,7 +112,11 @@ def flag_predictions(teacher_pred: int, student_pred: int, true_label: int | Non
 
 @dataclass(frozen=True, eq=False)
 class ImageAnalysis:
-    """Teacher and student on one image; ``image_rgb`` [S, S, 3] is the crop both models saw."""
+    """Teacher and student on one image; ``image_rgb`` [S, S, 3] is the crop both models saw.
+
+    ``layout`` is where the two models' maps are compared (``ModelPair.layout``: the coarser patch
+    grid); each model's own maps are on ``model(role).layout``.
+    """
 
     image_rgb: np.ndarray
     class_names: tuple[str, ...]
@@ -120,6 +127,11 @@ class ImageAnalysis:
     true_label: int | None
     head_fusion: str
     discard_ratio: float
+
+    @property
+    def same_grid(self) -> bool:
+        """Whether both models see the image through the same patch grid (nothing is resampled)."""
+        return self.teacher.layout.grid_size == self.student.layout.grid_size
 
     @property
     def flag(self) -> PredictionFlag:
@@ -137,7 +149,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _analyze_model(role: str, model: torch.nn.Module, meta: Mapping[str, Any], image: Image.Image | np.ndarray,
                    img_size: int, class_names: Sequence[str], top_k: int, head_fusion: str,
-                   discard_ratio: float, tokens: Sequence[int]) -> tuple[ModelAnalysis, np.ndarray]:
+                   discard_ratio: float, tokens: Sequence[int], layout: TokenLayout
+                   ) -> tuple[ModelAnalysis, np.ndarray]:
     mean, std = norm_stats(meta)
     prep = preprocess(image, img_size, mean, std)
     inputs = prep.tensor.to(_model_device(model))
@@ -157,7 +170,7 @@ def _analyze_model(role: str, model: torch.nn.Module, meta: Mapping[str, Any], i
     if len(tokens) != attn.shape[-1]:  # a DeiT model next to a plain one: its distillation token goes
         full, attn, roll = attn, restrict_tokens(attn, tokens), restrict_tokens(roll, tokens)
     result = ModelAnalysis(role=role, logits=logits.cpu().numpy(), probs=probs.cpu().numpy(), top_k=top,
-                           attn_probs=attn, rollout=roll, inputs=prep.tensor, tokens=tuple(tokens),
+                           attn_probs=attn, rollout=roll, inputs=prep.tensor, layout=layout, tokens=tuple(tokens),
                            full_attn_probs=full)
     return result, prep.rgb
 
@@ -170,9 +183,11 @@ def analyze_pair(pair: ModelPair, image: Image.Image | np.ndarray, true_label: i
     if true_label is not None and not 0 <= int(true_label) < len(pair.class_names):
         raise ValueError(f"true_label {true_label} out of range for {len(pair.class_names)} classes")
     teacher, crop = _analyze_model("teacher", pair.teacher, pair.teacher_meta, image, pair.img_size,
-                                   pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("teacher"))
+                                   pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("teacher"),
+                                   pair.map_layout("teacher"))
     student, _ = _analyze_model("student", pair.student, pair.student_meta, image, pair.img_size,
-                                pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("student"))
+                                pair.class_names, top_k, head_fusion, discard_ratio, pair.tokens("student"),
+                                pair.map_layout("student"))
     return ImageAnalysis(image_rgb=crop, class_names=pair.class_names, layout=pair.layout, head_map=pair.head_map,
                          teacher=teacher, student=student, true_label=None if true_label is None else int(true_label),
                          head_fusion=head_fusion, discard_ratio=float(discard_ratio))

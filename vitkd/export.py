@@ -11,7 +11,7 @@ import numpy as np
 
 from .agreement import pair_divergences
 from .analysis import ImageAnalysis, ModelAnalysis
-from .maps import cls_attention_maps, rollout_map
+from .maps import cls_attention_maps, heads_text, rollout_map
 
 __all__ = ["analysis_to_json", "analysis_to_csv", "CSV_COLUMNS"]
 
@@ -27,15 +27,17 @@ def _model_record(result: ModelAnalysis, analysis: ImageAnalysis, include_maps: 
         "top_k": [{"index": p.index, "class": p.name, "prob": round(p.prob, 6)} for p in result.top_k],
         "probs": _rounded(result.probs),
     }
-    if include_maps:
-        record["cls_attention"] = [_rounded(cls_attention_maps(block, analysis.layout)) for block in result.attn_probs]
-        record["rollout"] = _rounded(rollout_map(result.rollout, analysis.layout))
+    record["grid"] = list(result.layout.grid_size)
+    if include_maps:  # on the model's own grid
+        record["cls_attention"] = [_rounded(cls_attention_maps(block, result.layout)) for block in result.attn_probs]
+        record["rollout"] = _rounded(rollout_map(result.rollout, result.layout))
     return record
 
 
 def analysis_to_json(analysis: ImageAnalysis, image_name: str | None = None, include_maps: bool = True) -> str:
     """The numbers of an analysis as JSON: predictions, flag, distilled-pair divergences and (optionally) the
-    per-block, per-head CLS-to-patch maps [L][H][gh][gw] and rollout maps [gh][gw]."""
+    per-block, per-head CLS-to-patch maps [L][H][gh][gw] and rollout maps [gh][gw], each model on its own
+    ``grid``; the top-level ``grid`` is the one divergences are compared on (the coarser)."""
     flag = analysis.flag
     doc = {
         "image": image_name,
@@ -60,7 +62,8 @@ CSV_COLUMNS = ("quantity", "model", "block", "head", "teacher_block", "teacher_h
 
 
 def analysis_to_csv(analysis: ImageAnalysis) -> str:
-    """Long-format CSV: every class probability of both models and every distilled pair's JS divergence."""
+    """Long-format CSV: every class probability of both models and every distilled pair's JS divergence
+    (``teacher_head`` ``{0,1}`` for a group of teacher heads)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -70,5 +73,5 @@ def analysis_to_csv(analysis: ImageAnalysis) -> str:
                              f"{prob:.6g}"])
     for r in pair_divergences(analysis):
         writer.writerow(["pair_js", "student", r["student_block"], r["student_head"], r["teacher_block"],
-                         r["teacher_head"], "", "", f"{r['js']:.6g}"])
+                         heads_text(r["teacher_head"]), "", "", f"{r['js']:.6g}"])
     return buf.getvalue()

@@ -1,4 +1,10 @@
-"""Attention maps on the patch grid and their overlays: per head, fused, rollout, block comparisons."""
+"""Attention maps on the patch grid and their overlays: per head, fused, rollout, block comparisons.
+
+Each model's maps are drawn on its own patch grid (``ModelAnalysis.layout``) and upsampled to the
+image, so a teacher and a student with different grids show side by side. A query patch is chosen
+on the finer grid (``query_grid``) and each model uses its patch covering the same image point
+(``model_query``).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,18 @@ import torch
 
 from .analysis import ImageAnalysis, ModelAnalysis
 from .attention import TokenLayout
-from .headmap import HeadMap
+from .headmap import HeadMap, _heads_text
 from .overlay import add_border, add_caption, encode_png, enlarge_image, overlay, tile_images
 from .rollout import fuse_heads
 
-__all__ = ["cls_attention_maps", "fused_map", "rollout_map", "render_map", "mark_patch", "Tile", "HeadComparison",
-           "compare_heads", "blocks_overview", "comparison_png", "taught_by", "teaches", "paired_teacher_block",
-           "SCALES", "HIGHLIGHT"]
+__all__ = ["cls_attention_maps", "fused_map", "rollout_map", "render_map", "mark_patch", "mark_query", "Tile",
+           "HeadComparison", "compare_heads", "blocks_overview", "comparison_png", "taught_by", "teaches",
+           "paired_teacher_block", "heads_text", "query_grid", "patch_at", "model_query", "SCALES", "HIGHLIGHT",
+           "STUDENT_MARK"]
 
 SCALES = ("map", "model", "shared")  # colour scale per map, per model, or one for both models
-HIGHLIGHT = (255, 196, 0)  # frame colour of distilled heads
+HIGHLIGHT = (255, 196, 0)  # frame colour of distilled heads (and of the teacher's query patch)
+STUDENT_MARK = (0, 200, 255)  # frame colour of the student's query patch when the grids differ
 
 
 def _query_token(layout: TokenLayout, query: tuple[int, int] | None) -> int | None:
@@ -70,6 +78,16 @@ def render_map(image_rgb: np.ndarray, attn_map: np.ndarray, size: int, alpha: fl
     return overlay(enlarge_image(image_rgb, size), attn_map, alpha, colormap, lo, hi)
 
 
+def _frame_patch(big: np.ndarray, grid: tuple[int, int], patch: tuple[int, int], color: Sequence[int],
+                 width: int = 2) -> None:
+    """Draw a frame inside patch ``(row, col)`` of ``grid`` on the enlarged crop ``big`` (in place)."""
+    size_h, size_w = big.shape[:2]
+    gh, gw = grid
+    top, bottom = round(patch[0] * size_h / gh), round((patch[0] + 1) * size_h / gh)
+    left, right = round(patch[1] * size_w / gw), round((patch[1] + 1) * size_w / gw)
+    big[top:bottom, left:right] = add_border(big[top:bottom, left:right], color, width)
+
+
 def mark_patch(image_rgb: np.ndarray, layout: TokenLayout, query: tuple[int, int] | None, size: int,
                color: Sequence[int] = HIGHLIGHT) -> np.ndarray:
     """The crop enlarged to ``size`` with a frame around query patch ``(row, col)`` (none for the CLS query)."""
@@ -77,10 +95,44 @@ def mark_patch(image_rgb: np.ndarray, layout: TokenLayout, query: tuple[int, int
     if query is None:
         return big
     _query_token(layout, query)  # validates the patch
-    gh, gw = layout.grid_size
-    top, bottom = round(query[0] * size / gh), round((query[0] + 1) * size / gh)
-    left, right = round(query[1] * size / gw), round((query[1] + 1) * size / gw)
-    big[top:bottom, left:right] = add_border(big[top:bottom, left:right], color, 2)  # frame inside the patch
+    _frame_patch(big, layout.grid_size, query, color)
+    return big
+
+
+def query_grid(analysis: ImageAnalysis) -> tuple[int, int]:
+    """The grid a query patch is chosen on: the finer of the two models' grids (on each axis the more cells),
+    so every patch of the finer model can be picked."""
+    (th, tw), (sh, sw) = analysis.teacher.layout.grid_size, analysis.student.layout.grid_size
+    return max(th, sh), max(tw, sw)
+
+
+def patch_at(patch: tuple[int, int], grid: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The patch of ``target`` covering the centre of ``patch`` of ``grid`` (both grids span the same image):
+    on each axis ``floor((i + 0.5) * target / grid)``, in integers. The patch itself when the grids match."""
+    gh, gw = grid
+    row, col = int(patch[0]), int(patch[1])
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise ValueError(f"query patch ({row}, {col}) outside the {gh}x{gw} grid")
+    return (2 * row + 1) * target[0] // (2 * gh), (2 * col + 1) * target[1] // (2 * gw)
+
+
+def model_query(analysis: ImageAnalysis, role: str, query: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``role``'s query patch for ``query`` on ``query_grid(analysis)`` (``patch_at``); None (CLS) stays None."""
+    if query is None:
+        return None
+    return patch_at(query, query_grid(analysis), analysis.model(role).layout.grid_size)
+
+
+def mark_query(analysis: ImageAnalysis, query: tuple[int, int] | None, size: int) -> np.ndarray:
+    """The crop enlarged to ``size`` with each model's query patch framed: the teacher's in ``HIGHLIGHT``, the
+    student's in ``STUDENT_MARK`` (one ``HIGHLIGHT`` frame when the grids are the same)."""
+    big = enlarge_image(analysis.image_rgb, size)
+    if query is None:
+        return big
+    teacher, student = analysis.teacher.layout.grid_size, analysis.student.layout.grid_size
+    _frame_patch(big, teacher, model_query(analysis, "teacher", query), HIGHLIGHT, 2 if analysis.same_grid else 3)
+    if not analysis.same_grid:
+        _frame_patch(big, student, model_query(analysis, "student", query), STUDENT_MARK)
     return big
 
 
@@ -102,12 +154,18 @@ class HeadComparison:
     student: tuple[Tile, ...]
 
 
-def taught_by(head_map: HeadMap | None, student_block: int) -> dict[int, tuple[int, int]]:
-    """``{student_head: (teacher_block, teacher_head)}`` for one student block."""
+def heads_text(heads: int | Sequence[int]) -> str:
+    """``3`` for one head, ``{0,1}`` for a group: the ``head:`` syntax, as ``HeadMap.describe`` writes it."""
+    return _heads_text((int(heads),) if isinstance(heads, int | np.integer) else tuple(int(h) for h in heads))
+
+
+def taught_by(head_map: HeadMap | None, student_block: int) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """``{student_head: (teacher_block, teacher_heads)}`` for one student block: every teacher head that taught
+    it (one, or a group whose mean it follows)."""
     if head_map is None:
         return {}
-    return {p.student_head: (p.teacher_block, p.teacher_head) for p in head_map.pairs
-            if p.student_block == student_block}
+    return {g.student_head: (g.teacher_block, g.teacher_heads) for g in head_map.groups
+            if g.student_block == student_block}
 
 
 def teaches(head_map: HeadMap | None, teacher_block: int) -> dict[int, list[tuple[int, int]]]:
@@ -150,27 +208,31 @@ def compare_heads(analysis: ImageAnalysis, teacher_block: int, student_block: in
                   colormap: str = "inferno", scale: str = "model", size: int = 160) -> HeadComparison:
     """Overlays of a teacher block beside a student block: per head, or fused when ``head_fusion`` is given.
 
-    Student captions name the teacher head that taught them (``S2.h0 <- taught by T4.h0``),
-    teacher captions the student heads they taught; both are ``highlighted`` and framed.
+    Each model's maps are on its own grid, ``query`` on ``query_grid(analysis)`` (``model_query``).
+    Student captions name the teacher heads that taught them (``S2.h0 <- taught by T4.h0``, a group
+    ``S2.h0 <- taught by T4.h{0,1}``), teacher captions the student heads they taught; all of them
+    are ``highlighted`` and framed, so a student head taught by a group is framed with each of its heads.
     """
     for role, block, depth in (("teacher", teacher_block, analysis.teacher.depth),
                                ("student", student_block, analysis.student.depth)):
         if not 0 <= block < depth:
             raise ValueError(f"{role} block {block} out of range: the {role} has {depth} blocks")
     t_probs, s_probs = analysis.teacher.attn_probs[teacher_block], analysis.student.attn_probs[student_block]
+    t_layout, s_layout = analysis.teacher.layout, analysis.student.layout
+    t_query, s_query = model_query(analysis, "teacher", query), model_query(analysis, "student", query)
     if head_fusion is None:
-        t_maps = list(cls_attention_maps(t_probs, analysis.layout, query))
-        s_maps = list(cls_attention_maps(s_probs, analysis.layout, query))
+        t_maps = list(cls_attention_maps(t_probs, t_layout, t_query))
+        s_maps = list(cls_attention_maps(s_probs, s_layout, s_query))
         taught, taught_heads = teaches(analysis.head_map, teacher_block), taught_by(analysis.head_map, student_block)
         t_caps = [f"T{teacher_block}.h{h}" + ("".join(f" -> S{sb}.h{sh}" for sb, sh in taught[h])
                                                if h in taught else "") for h in range(len(t_maps))]
-        s_caps = [f"S{student_block}.h{h}" + (f" <- taught by T{taught_heads[h][0]}.h{taught_heads[h][1]}"
+        s_caps = [f"S{student_block}.h{h}" + (f" <- taught by T{taught_heads[h][0]}.h{heads_text(taught_heads[h][1])}"
                                                if h in taught_heads else "") for h in range(len(s_maps))]
         t_marks = [h in taught for h in range(len(t_maps))]
         s_marks = [h in taught_heads for h in range(len(s_maps))]
     else:
-        t_maps = [fused_map(t_probs, analysis.layout, head_fusion, query)]
-        s_maps = [fused_map(s_probs, analysis.layout, head_fusion, query)]
+        t_maps = [fused_map(t_probs, t_layout, head_fusion, t_query)]
+        s_maps = [fused_map(s_probs, s_layout, head_fusion, s_query)]
         t_caps, s_caps = [f"T{teacher_block} {head_fusion} of heads"], [f"S{student_block} {head_fusion} of heads"]
         t_marks, s_marks = [False], [False]
     ranges = _ranges(t_maps + s_maps, [0] * len(t_maps) + [1] * len(s_maps), scale)
@@ -181,16 +243,15 @@ def compare_heads(analysis: ImageAnalysis, teacher_block: int, student_block: in
     return HeadComparison(teacher_block, student_block, tuple(tiles[:len(t_maps)]), tuple(tiles[len(t_maps):]))
 
 
-def blocks_overview(result: ModelAnalysis, image_rgb: np.ndarray, layout: TokenLayout,
-                    query: tuple[int, int] | None = None, alpha: float = 0.6, colormap: str = "inferno",
-                    size: int = 64, highlight: set[tuple[int, int]] | frozenset[tuple[int, int]] = frozenset()
-                    ) -> np.ndarray:
-    """One image: a block x head grid of small overlays (each on its own scale); ``highlight`` (block, head)
-    cells get a frame."""
+def blocks_overview(result: ModelAnalysis, image_rgb: np.ndarray, query: tuple[int, int] | None = None,
+                    alpha: float = 0.6, colormap: str = "inferno", size: int = 64,
+                    highlight: set[tuple[int, int]] | frozenset[tuple[int, int]] = frozenset()) -> np.ndarray:
+    """One image: a block x head grid of small overlays (each on its own scale), on the model's own grid
+    (``query`` is a patch of it: ``model_query``); ``highlight`` (block, head) cells get a frame."""
     small = enlarge_image(image_rgb, size)
     tiles = []
     for block in range(result.depth):
-        for head, m in enumerate(cls_attention_maps(result.attn_probs[block], layout, query)):
+        for head, m in enumerate(cls_attention_maps(result.attn_probs[block], result.layout, query)):
             tile = overlay(small, m, alpha, colormap)
             tiles.append(add_border(tile, HIGHLIGHT, 2) if (block, head) in highlight else tile)
     return tile_images(tiles, result.num_heads, pad=2)

@@ -1,8 +1,12 @@
 """Teacher/student pairs the app can compare head by head, and one checkpoint's summary.
 
-A DeiT model (a distillation token after CLS) pairs with a plain ViT of the same patch grid: its
-maps are compared without the distillation token's row and column (``ModelPair.tokens``,
-``restrict_tokens``), as ``vitkd.train`` does when a DeiT student follows a plain teacher.
+The two models may see the image through different patch grids (teacher 8x8, student 4x4):
+each model's maps are drawn on its own grid, and maps are compared (head agreement, the scan's
+rollout divergence) on the coarser one, the finer model's maps resampled onto it with
+``vitkd.resample``. Prefix tokens must match one to one, except that a DeiT model (a
+distillation token after CLS) pairs with a plain ViT: its maps are compared without the
+distillation token's row and column (``ModelPair.tokens``, ``restrict_tokens``), as
+``vitkd.train`` does when a DeiT student follows a plain teacher.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .headmap import HeadMap
 from .models import describe_model, has_distillation_token
 
 __all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats", "names_preview",
-           "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
+           "coarser_grid", "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
 
 
 def model_img_size(model: torch.nn.Module, meta: Mapping[str, Any]) -> int:
@@ -52,15 +56,16 @@ def names_preview(names: Sequence[str]) -> str:
     return f"{len(names)} classes ({shown}{', ...' if len(names) > 4 else ''})"
 
 
-def shared_tokens(layout: TokenLayout, distillation_token: bool, shared: TokenLayout) -> tuple[int, ...]:
-    """Indices of a model's tokens (``layout``) that make up ``shared``: all of them, or all but the
-    distillation token (index 1, after CLS) when the model has one that ``shared`` lacks."""
-    if layout == shared:
+def shared_tokens(layout: TokenLayout, distillation_token: bool, num_prefix_tokens: int) -> tuple[int, ...]:
+    """Indices of a model's tokens (``layout``) kept when maps are compared with ``num_prefix_tokens`` prefix
+    tokens: all of them, or all but the distillation token (index 1, after CLS) when the model has one
+    that the other model lacks. The patch grid is the model's own."""
+    if layout.num_prefix_tokens == num_prefix_tokens:
         return tuple(range(layout.num_tokens))
-    if (distillation_token and layout.grid_size == shared.grid_size
-            and layout.num_prefix_tokens == shared.num_prefix_tokens + 1):
+    if distillation_token and layout.num_prefix_tokens == num_prefix_tokens + 1:
         return (0, *range(2, layout.num_tokens))
-    raise IncompatibleModelsError(f"{_describe_layout(layout)} cannot be compared with {_describe_layout(shared)}")
+    raise IncompatibleModelsError(f"{_describe_layout(layout)} cannot be compared with {num_prefix_tokens} "
+                                  "prefix token(s)")
 
 
 def restrict_tokens(attn: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
@@ -78,13 +83,16 @@ def restrict_tokens(attn: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class ModelPair:
-    """A teacher and a student that can be compared head by head: same patch grid, input size and classes.
+    """A teacher and a student that can be compared head by head: same input size and classes, prefix
+    tokens that match one to one (a DeiT distillation token aside), patch grids of any size.
 
-    ``layout`` is the token layout their maps are compared in; ``teacher_layout`` and
-    ``student_layout`` are each model's own (they differ only when one is a DeiT model with a
-    distillation token the other lacks; ``tokens(role)`` picks that model's tokens of ``layout``).
-    ``head_map`` is the student's recorded map (which teacher head taught which student head),
-    or None for a baseline student or a map that does not fit this teacher (see ``notes``).
+    ``layout`` is the token layout their maps are compared in: the shared prefix tokens and the
+    coarser patch grid (on each axis the fewer cells), so a finer model's maps are resampled onto
+    it (``vitkd.agreement.compared_probs``). ``teacher_layout`` and ``student_layout`` are each
+    model's own; ``map_layout(role)`` is that model's maps' layout in an analysis (its own grid,
+    the shared prefix tokens: ``tokens(role)`` picks those tokens). ``head_map`` is the student's
+    recorded map (which teacher heads taught which student head), or None for a baseline student
+    or a map that does not fit this teacher (see ``notes``).
     """
 
     teacher: torch.nn.Module
@@ -106,29 +114,43 @@ class ModelPair:
             raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
         return own[role] or self.layout
 
+    def map_layout(self, role: str) -> TokenLayout:
+        """``role``'s maps as an analysis holds them: the shared prefix tokens on its own patch grid."""
+        return TokenLayout(self.layout.num_prefix_tokens, self.model_layout(role).grid_size)
+
     def tokens(self, role: str) -> tuple[int, ...]:
-        """Indices of ``role``'s tokens that make up ``layout`` (``restrict_tokens`` maps its attention there)."""
+        """Indices of ``role``'s tokens that make up ``map_layout(role)`` (``restrict_tokens`` maps its
+        attention there)."""
         model = self.teacher if role == "teacher" else self.student
-        return shared_tokens(self.model_layout(role), has_distillation_token(model), self.layout)
+        return shared_tokens(self.model_layout(role), has_distillation_token(model), self.layout.num_prefix_tokens)
+
+
+def coarser_grid(first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
+    """The grid two models' maps are compared on: on each axis the fewer cells (area averaging only)."""
+    return min(first[0], second[0]), min(first[1], second[1])
 
 
 def _compared_layout(teacher_layout: TokenLayout, teacher_deit: bool, student_layout: TokenLayout,
                      student_deit: bool) -> TokenLayout | None:
-    """The layout both models' maps can be compared in, or None when their tokens differ in more than a
-    distillation token (one model is DeiT, the other plain, same grid)."""
-    if teacher_layout == student_layout:
-        return teacher_layout
+    """The layout both models' maps can be compared in (shared prefix tokens, the coarser grid), or None
+    when their prefix tokens differ in more than a DeiT distillation token the other model lacks."""
+    grid = coarser_grid(teacher_layout.grid_size, student_layout.grid_size)
+    if teacher_layout.num_prefix_tokens == student_layout.num_prefix_tokens:
+        return TokenLayout(teacher_layout.num_prefix_tokens, grid)
     for deit, layout, other_deit, other in ((student_deit, student_layout, teacher_deit, teacher_layout),
                                             (teacher_deit, teacher_layout, student_deit, student_layout)):
-        if (deit and not other_deit and layout.grid_size == other.grid_size
-                and layout.num_prefix_tokens == other.num_prefix_tokens + 1):
-            return other
+        if deit and not other_deit and layout.num_prefix_tokens == other.num_prefix_tokens + 1:
+            return TokenLayout(other.num_prefix_tokens, grid)
     return None
 
 
 def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
                student_meta: Mapping[str, Any]) -> ModelPair:
-    """Validate that two models can be compared; raise ``IncompatibleModelsError`` saying what differs."""
+    """Validate that two models can be compared; raise ``IncompatibleModelsError`` saying what differs.
+
+    Patch grids may differ (both span the same input, so a patch of one covers a known area of the
+    other's); input sizes, classes and prefix tokens (a DeiT distillation token aside) may not.
+    """
     try:
         teacher_layout = token_layout(teacher)
     except IncompatibleModelsError as exc:
@@ -141,10 +163,9 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
                               has_distillation_token(student))
     if layout is None:
         raise IncompatibleModelsError(
-            f"token grids differ: the teacher has {_describe_layout(teacher_layout)} but the student has "
-            f"{_describe_layout(student_layout)}; attention can only be compared between models with the same "
-            "token layout (a DeiT distillation token aside): pick a student built for this teacher's input and "
-            "patch size")
+            f"prefix tokens differ: the teacher has {_describe_layout(teacher_layout)} but the student has "
+            f"{_describe_layout(student_layout)}; patch grids may differ, but prefix tokens (CLS, registers) must "
+            "match one to one (a DeiT distillation token aside): pick a student with this teacher's prefix tokens")
     teacher_size, student_size = model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)
     if teacher_size != student_size:
         raise IncompatibleModelsError(

@@ -4,8 +4,9 @@ A group says who got the image right (teacher only, student only, neither, both)
 divergence says how differently the two models look at it: the Jensen-Shannon divergence (bits,
 in [0, 1]) between the CLS rows of their attention rollouts, restricted to patch tokens and
 renormalised. Restricting to patches makes the divergence well defined for models whose prefix
-tokens differ (a DeiT student with a distillation token against a plain teacher), as long as
-both see the same patch grid.
+tokens differ (a DeiT student with a distillation token against a plain teacher). Models whose
+patch grids differ are compared on the coarser grid: the finer model's rollout row is resampled
+onto it (``vitkd.agreement.patches_on_grid``, area averaging as in ``vitkd.resample``).
 
 Two paths give the same rows: ``scan_data`` reads a split from the decoded-image cache
 (``vitkd.data.load_split``, what ``eval`` and training read) and runs both models in batches;
@@ -27,14 +28,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .agreement import js_divergence
+from .agreement import js_divergence, patches_on_grid
 from .attention import TokenLayout, capture_attention, token_layout
 from .checkpoint import load_checkpoint
 from .data import ImageTensors, load_split, normalize, split_class_names
 from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError, IncompatibleModelsError
 from .files import write_text_atomic
-from .pairs import model_img_size, names_preview, norm_stats
+from .pairs import coarser_grid, model_img_size, names_preview, norm_stats
 
 __all__ = ["GROUPS", "GROUP_TITLES", "ScanRow", "ScanResult", "list_labelled_images", "scan_split", "scan_data",
            "scan_folder", "scan_checkpoints", "cached_split_of", "split_folders"]
@@ -252,16 +253,12 @@ def _group(label: int, teacher_pred: int, student_pred: int) -> str:
     return "both_right" if teacher_right else "both_wrong"
 
 
-def _describe_layout(layout: TokenLayout) -> str:
-    gh, gw = layout.grid_size
-    return f"a {gh}x{gw} patch grid after {layout.num_prefix_tokens} prefix token(s)"
-
-
 def _check_models(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
                   student_meta: Mapping[str, Any]) -> tuple[tuple[str, ...], TokenLayout, TokenLayout]:
     """The models' class names and token layouts; ``IncompatibleModelsError`` when they cannot be scanned together.
 
     Prefix tokens may differ (a DeiT student's distillation token): the divergence compares patch tokens only.
+    Patch grids may differ too: the divergence is taken on the coarser one.
     """
     class_names = tuple(str(n) for n in teacher_meta.get("class_names") or ())
     student_classes = tuple(str(n) for n in student_meta.get("class_names") or ())
@@ -270,13 +267,7 @@ def _check_models(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], stu
     if student_classes != class_names:
         raise IncompatibleModelsError(f"teacher classes ({', '.join(class_names)}) and student classes "
                                       f"({', '.join(student_classes)}) differ; pick a pair trained on one dataset")
-    t_layout, s_layout = token_layout(teacher), token_layout(student)
-    if t_layout.grid_size != s_layout.grid_size:
-        raise IncompatibleModelsError(
-            f"the teacher has {_describe_layout(t_layout)} and the student {_describe_layout(s_layout)}; the "
-            "attention divergence compares the same patches, so pick a student built for the teacher's input "
-            "and patch size")
-    return class_names, t_layout, s_layout
+    return class_names, token_layout(teacher), token_layout(student)
 
 
 def _check_options(batch_size: int, limit: int | None) -> None:
@@ -298,7 +289,8 @@ def _score(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], t_layout: 
            student: torch.nn.Module, student_meta: Mapping[str, Any], s_layout: TokenLayout,
            images: Mapping[int, torch.Tensor], labels: Sequence[int], paths: Sequence[str],
            class_names: Sequence[str]) -> list[ScanRow]:
-    """Rows for one batch: ``images`` maps each model's input size to uint8 [B, 3, S, S] (CPU)."""
+    """Rows for one batch: ``images`` maps each model's input size to uint8 [B, 3, S, S] (CPU); the divergence
+    is taken on the coarser of the two patch grids."""
     results = []
     for model, meta, layout in ((teacher, teacher_meta, t_layout), (student, student_meta, s_layout)):
         device = next(model.parameters()).device
@@ -308,7 +300,9 @@ def _score(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], t_layout: 
     (t_probs, t_rows), (s_probs, s_rows) = results
     t_conf, t_pred = t_probs.max(-1)
     s_conf, s_pred = s_probs.max(-1)
-    divergence = js_divergence(t_rows, s_rows)
+    grid = coarser_grid(t_layout.grid_size, s_layout.grid_size)
+    divergence = js_divergence(patches_on_grid(t_rows, t_layout.grid_size, grid),
+                               patches_on_grid(s_rows, s_layout.grid_size, grid))
     return [ScanRow(path=path, label=label, label_name=class_names[label],
                     teacher_pred=tp, teacher_pred_name=class_names[tp], teacher_conf=tc,
                     student_pred=sp, student_pred_name=class_names[sp], student_conf=sc,

@@ -24,7 +24,7 @@ import numpy as np
 import streamlit as st
 
 from app import common
-from vitkd.agreement import head_divergence, pair_divergences
+from vitkd.agreement import block_divergence, pair_divergences
 from vitkd.analysis import ImageAnalysis, class_rollout, recompute_rollout
 from vitkd.export import analysis_to_csv, analysis_to_json
 from vitkd.images import DEFAULT_MAX_PIXELS
@@ -34,8 +34,11 @@ from vitkd.maps import (
     blocks_overview,
     compare_heads,
     comparison_png,
-    mark_patch,
+    heads_text,
+    mark_query,
+    model_query,
     paired_teacher_block,
+    query_grid,
     render_map,
     rollout_map,
     taught_by,
@@ -202,11 +205,11 @@ def rollout_tiles(analysis: ImageAnalysis, grads: dict[str, np.ndarray], classes
     tiles = []
     for role in ("teacher", "student"):
         result = analysis.model(role)
-        rmap = rollout_map(recompute_rollout(result, fusion, discard), analysis.layout)
+        rmap = rollout_map(recompute_rollout(result, fusion, discard), result.layout)  # the model's own grid
         tiles += [
             Tile(render_map(analysis.image_rgb, rmap, 2 * TILE, alpha, colormap),
                  f"{role} rollout ({fusion}, discard {discard:.2f})", False),
-            Tile(render_map(analysis.image_rgb, rollout_map(grads[role], analysis.layout), 2 * TILE, alpha,
+            Tile(render_map(analysis.image_rgb, rollout_map(grads[role], result.layout), 2 * TILE, alpha,
                             colormap),
                  f"{role} gradient rollout: {analysis.class_names[classes[role]]} "
                  f"(p={float(result.probs[classes[role]]):.2f})", False),
@@ -225,15 +228,29 @@ def show_predictions(shown: Shown, query: tuple[int, int] | None) -> None:
     true_name = None if analysis.true_label is None else analysis.class_names[analysis.true_label]
     with image_col:
         preview = shown.rendered("preview", (query, PREVIEW), lambda: encode_png(
-            mark_patch(analysis.image_rgb, analysis.layout, query, PREVIEW)))
+            mark_query(analysis, query, PREVIEW)))
         st.image(preview, width=PREVIEW, output_format="PNG")
         st.caption(f"**{shown.name}** ({analysis.image_rgb.shape[0]} px crop the models saw)"
                    + (f"; true class: **{true_name}**" if true_name else "; true class unknown"))
+        if query is not None:
+            st.caption(query_caption(analysis, query))
     for col, result, role in ((teacher_col, analysis.teacher, "Teacher"), (student_col, analysis.student, "Student")):
         with col:
             st.plotly_chart(common.topk_figure_cached(shown.pair_key, shown.image_key, role, analysis.true_label,
                                                       result),
                             key=f"explore_top_{role}", config={"displayModeBar": False})
+
+
+def query_caption(analysis: ImageAnalysis, query: tuple[int, int]) -> str:
+    """Which patch each model's maps query: one patch, or each model's own when their grids differ."""
+    t_grid, s_grid = analysis.teacher.layout.grid_size, analysis.student.layout.grid_size
+    if analysis.same_grid:
+        return f"Query patch: row {query[0]}, column {query[1]} of the {t_grid[0]}x{t_grid[1]} grid."
+    gh, gw = query_grid(analysis)
+    parts = [f"{role} patch {model_query(analysis, role, query)} of its {g[0]}x{g[1]} grid ({frame} frame)"
+             for role, g, frame in (("teacher", t_grid, "amber"), ("student", s_grid, "blue"))]
+    return (f"Query: row {query[0]}, column {query[1]} of the finer {gh}x{gw} grid; " + ", ".join(parts)
+            + ", both covering the same point of the image.")
 
 
 def display_settings(where: st.delta_generator.DeltaGenerator) -> tuple[float, str, str]:
@@ -260,7 +277,7 @@ def block_and_query(analysis: ImageAnalysis) -> tuple[int, int, tuple[int, int] 
         st.session_state["explore_tblock"] = paired_teacher_block(
             head_map, st.session_state["explore_sblock"], t_depth, s_depth)
 
-    gh, gw = analysis.layout.grid_size
+    gh, gw = query_grid(analysis)
     cols = st.columns([1, 1, 1.2, 0.8, 0.8])
     teacher_block = cols[0].selectbox("Teacher block", list(range(t_depth)), key="explore_tblock")
     student_block = cols[1].selectbox("Student block", list(range(s_depth)), key="explore_sblock",
@@ -273,6 +290,7 @@ def block_and_query(analysis: ImageAnalysis) -> tuple[int, int, tuple[int, int] 
     if query_kind == "patch":
         common.ensure_choice("explore_qrow", list(range(gh)), gh // 2)  # the grid may differ after a model switch
         common.ensure_choice("explore_qcol", list(range(gw)), gw // 2)
+        # on the finer grid when the models' grids differ; the caption under the image says which patch each uses
         row = cols[3].number_input("Row", 0, gh - 1, key="explore_qrow")
         col = cols[4].number_input("Column", 0, gw - 1, key="explore_qcol")
         query = (int(row), int(col))
@@ -326,11 +344,10 @@ def show_heads(shown: Shown, teacher_block: int, student_block: int, query: tupl
             hm = analysis.head_map
             t_marks = frozenset((p.teacher_block, p.teacher_head) for p in hm.pairs) if hm else frozenset()
             s_marks = frozenset((p.student_block, p.student_head) for p in hm.pairs) if hm else frozenset()
-            teacher_png, student_png = shown.rendered("overview", (query, alpha, colormap), lambda: (
-                encode_png(blocks_overview(analysis.teacher, analysis.image_rgb, analysis.layout, query, alpha,
-                                           colormap, highlight=t_marks)),
-                encode_png(blocks_overview(analysis.student, analysis.image_rgb, analysis.layout, query, alpha,
-                                           colormap, highlight=s_marks))))
+            teacher_png, student_png = shown.rendered("overview", (query, alpha, colormap), lambda: tuple(
+                encode_png(blocks_overview(analysis.model(role), analysis.image_rgb,
+                                           model_query(analysis, role, query), alpha, colormap, highlight=marks))
+                for role, marks in (("teacher", t_marks), ("student", s_marks))))
             left, right = st.columns(2, gap="large")
             left.image(teacher_png, output_format="PNG",
                        caption=f"Teacher: {analysis.teacher.depth} blocks x {analysis.teacher.num_heads} heads")
@@ -388,19 +405,24 @@ def show_rollout(shown: Shown, alpha: float, colormap: str) -> None:
 
 
 def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: int) -> None:
+    gh, gw = analysis.layout.grid_size
+    resampled = ("" if analysis.same_grid else
+                 f" Compared on the coarser {gh}x{gw} patch grid: the finer model's attention is averaged onto it.")
     st.markdown("Jensen-Shannon divergence (bits, 0 to 1) between each student head of "
-                f"block {student_block} and each teacher head of block {teacher_block}, averaged over query tokens. "
-                "Change the blocks above.")
-    matrix = head_divergence(analysis.student.attn_probs[student_block], analysis.teacher.attn_probs[teacher_block])
-    marks = [(sh, th) for sh, (tb, th) in taught_by(analysis.head_map, student_block).items() if tb == teacher_block]
+                f"block {student_block} and each teacher head of block {teacher_block}, averaged over query tokens."
+                f"{resampled} Change the blocks above.")
+    matrix = block_divergence(analysis, teacher_block, student_block)
+    marks = [(sh, th) for sh, (tb, heads) in taught_by(analysis.head_map, student_block).items()
+             if tb == teacher_block for th in heads]  # a head taught by a group: each of its teacher heads
     st.plotly_chart(common.divergence_figure(matrix, teacher_block, student_block, marks), key="explore_js",
                     config={"displayModeBar": False})
     rows = pair_divergences(analysis)
     if not rows:
         st.info("This student has no head map (a baseline or a student of another teacher): no distilled pairs.")
         return
-    st.markdown("**Distilled pairs on this image** (rank 1: the taught teacher head is the closest of its block)")
-    st.dataframe([{"teacher head": f"T{r['teacher_block']}.h{r['teacher_head']}",
+    st.markdown("**Distilled pairs on this image** (rank 1: the taught teacher head, or the mean of a group of "
+                "heads, is closer than every head of its block)")
+    st.dataframe([{"teacher head": f"T{r['teacher_block']}.h{heads_text(r['teacher_head'])}",
                    "student head": f"S{r['student_block']}.h{r['student_head']}",
                    "JS divergence (bits)": round(r["js"], 5), "rank": f"{r['rank']} of {r['teacher_heads']}"}
                   for r in rows], hide_index=True)
@@ -411,7 +433,7 @@ def export_png(shown: Shown, teacher_block: int, student_block: int, query: tupl
     """The shown head maps and rollouts as one captioned PNG (built when the download is clicked)."""
     analysis, pair = shown.analysis, shown.pair
     fusion, discard, classes = rollout
-    grads = {role: class_rollout(model, analysis.model(role).inputs, classes[role])
+    grads = {role: class_rollout(model, analysis.model(role).inputs, classes[role], analysis.model(role).tokens or None)
              for role, model in (("teacher", pair.teacher), ("student", pair.student))}
     comparison = heads_comparison(analysis, teacher_block, student_block, query, view, alpha, colormap, scale)
     return comparison_png(comparison, rollout_tiles(analysis, grads, classes, fusion, discard, alpha, colormap))

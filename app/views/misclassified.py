@@ -112,7 +112,8 @@ def show_gallery(result: ScanResult) -> None:
                 continue
             order = st.radio("Order", list(SORTS), horizontal=True, key=f"misc_sort_{group}",
                              help="Attention divergence: Jensen-Shannon divergence (bits, 0 to 1) between the "
-                                  "teacher's and the student's CLS attention rollout over patches.")
+                                  "teacher's and the student's CLS attention rollout over patches (on the "
+                                  "coarser patch grid when the two grids differ).")
             if not SORTS[order]:
                 rows = rows[::-1]
             if len(rows) > GALLERY_MAX:
