@@ -1,6 +1,7 @@
 """Screenshot of the explorer for the README (``docs/explorer.png``), and the browser driver the tests share.
 
-Usage: ``python scripts/screenshot.py [--image app/examples/cat_0001.jpg] [--out docs/explorer.png]``.
+Usage: ``python scripts/screenshot.py [--image app/examples/cat_0001.jpg] [--out docs/explorer.png]
+[--checkpoint-dir DIR --teacher LABEL --student LABEL]``.
 It starts ``streamlit run app/streamlit_app.py`` on a free port with the bundled checkpoints
 (``checkpoints/``, the app's default pair), uploads the image in headless Chromium, waits for
 the maps and saves a full-page screenshot. ``tests/test_browser.py`` drives the app with the
@@ -123,6 +124,17 @@ def wait_for_image(page: Any, name: str, timeout_ms: int = 90_000) -> None:
     wait_idle(page, timeout_ms)
 
 
+def pick_model(page: Any, role: str, label: str) -> None:
+    """Choose ``label`` (a checkpoint as the sidebar lists it) in the sidebar's Teacher or Student picker and
+    wait until the page compares with it."""
+    picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(
+        {"teacher": 0, "student": 1}[role])
+    picker.click()
+    page.get_by_role("option", name=label, exact=True).click()
+    page.get_by_text(f"{label} ({role})").first.wait_for(timeout=60_000)  # the pair in use
+    wait_idle(page)
+
+
 def prediction_titles(page: Any) -> dict[str, str]:
     """The top-1 titles of the two prediction charts, e.g. ``{"Teacher": "cat (71.3%)", "Student": ...}``."""
     titles = page.locator('[data-testid="stPlotlyChart"] .gtitle').all_text_contents()  # SVG: no innerText
@@ -135,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "explorer.png")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="extra checkpoint folder (the bundled checkpoints/ are always searched first)")
+    parser.add_argument("--teacher", default=None, metavar="LABEL",
+                        help="pick this checkpoint as teacher, as the sidebar lists it (default: the default pair)")
+    parser.add_argument("--student", default=None, metavar="LABEL", help="pick this checkpoint as student")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--max-height", type=int, default=2400, help="crop the page below this many pixels")
     args = parser.parse_args(argv)
@@ -156,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     with streamlit_server(env, log_path) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": args.width, "height": 1000}, device_scale_factor=1)
         open_app(page, url)
+        for role in ("teacher", "student"):
+            if getattr(args, role):
+                pick_model(page, role, getattr(args, role))
         start_upload(page, args.image)
         wait_for_image(page, args.image.name)
         if page.locator(EXCEPTION).count():

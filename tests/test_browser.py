@@ -172,11 +172,7 @@ def test_upload_to_a_pair_with_different_patch_grids(grid_server, browser, tmp_p
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         driver.open_app(page, url)
-        picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(1)  # Teacher, Student
-        picker.click()
-        page.get_by_role("option", name="grids/tiny-student-coarse").click()
-        page.get_by_text("grids/tiny-student-coarse (student)").first.wait_for(timeout=60_000)  # the pair in use
-        driver.wait_idle(page)
+        driver.pick_model(page, "student", "grids/tiny-student-coarse")
         _no_exception(page)
         driver.start_upload(page, image)
         driver.wait_for_image(page, image.name)
