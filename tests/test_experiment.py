@@ -159,3 +159,34 @@ def test_table_names_each_recipe() -> None:
     assert "| kd | - | - | 1.0 | - | 1.0 x KD (T=4) | 0 |" in table
     assert "| both | kl | head:4.0->2.0 | 0.5 | student-correct + student-confidence | 0.5 x KD (T=4) | 0 |" in table
     assert "| deit | - | - | 1.0 | - | deit-hard | 0 |" in table
+
+
+def test_every_shipped_config_loads_and_its_head_maps_fit_its_models() -> None:
+    """configs/*.yaml: each loads, and each distilled run's map fits its teacher and student (built on the meta
+    device, as training checks before any data), so a study never fails hours in on a typo."""
+    import torch
+
+    from vitkd.models import build_model
+    from vitkd.train import _resolve_head_map
+
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for path in sorted((root / "configs").glob("*.yaml")):
+        for name, config, _ in load_experiment(path)[1]:
+            runs[str(RunDir(config.out_dir).last)] = (f"{path.name}:{name}", config)
+    assert len(runs) >= 20 and {p.split(":")[0] for p, _ in runs.values()} >= {
+        "cifar10.yaml", "cifar10_grid.yaml", "cifar10_sl.yaml", "imagenette.yaml"}
+    checked = 0
+    for label, config in runs.values():
+        with torch.device("meta"):
+            student = build_model(config.model, 10, img_size=config.img_size, **config.model_overrides)
+            if config.teacher is None:
+                continue
+            assert config.teacher in runs, f"{label}: teacher {config.teacher} is no shipped run"
+            teacher_config = runs[config.teacher][1]
+            teacher = build_model(teacher_config.model, 10, img_size=teacher_config.img_size,
+                                  **teacher_config.model_overrides)
+        if config.head_map is not None:
+            _resolve_head_map(config, teacher, student)
+            checked += 1
+    assert checked >= 12
