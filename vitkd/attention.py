@@ -1,4 +1,7 @@
-"""Exact attention capture from timm ViTs: the only module that knows timm internals.
+"""Exact attention capture from timm ViTs: the only module that re-runs timm's forward pass piece by piece.
+
+(``vitkd.sl_layers`` extends timm's ``Attention`` as a layer of its own; ``vitkd.models`` builds through
+timm's public constructors.)
 
 The capture re-runs the model's own submodules in order. Blocks whose attention is
 requested compute ``q k^T * scale`` explicitly (exact logits, differentiable); every

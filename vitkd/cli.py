@@ -47,7 +47,8 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the attention loss (several times faster on CPU; first step compiles)")
+                   help="torch.compile the teacher forward and the attention loss (several times faster on CPU; "
+                        "the first step compiles)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call")

@@ -564,21 +564,24 @@ def _built_shape(model: Any) -> ModelShape:
 
 
 def matching_student_presets(teacher: ModelShape) -> list[str]:
-    """Presets that, trained at the teacher's input size, have its token grid (so attention maps can be compared).
+    """Presets a student can be distilled into from ``teacher``, trained at the teacher's input size: those
+    with the teacher's token grid first, then other grids (the teacher's maps are resampled onto the
+    student's grid, ``vitkd.resample``).
 
-    A DeiT preset matches a plain teacher with one prefix token fewer: its distillation token is
-    dropped from the maps it learns (and it trains with ``--kd deit-hard``).
+    Prefix tokens must line up; a DeiT preset matches a plain teacher with one prefix token fewer: its
+    distillation token is dropped from the maps it learns (and it trains with ``--kd deit-hard``).
     """
     from .models import PRESETS
 
-    matches = []
+    same, other = [], []
     for name in PRESETS:
+        if teacher.img_size % int(PRESETS[name]["patch_size"]):
+            continue
         shape = preset_shape(name, teacher.img_size)
         extra = int(shape.distillation_token and not teacher.distillation_token)
-        if (teacher.img_size % int(PRESETS[name]["patch_size"]) == 0 and shape.grid == teacher.grid
-                and shape.num_prefix_tokens - extra == teacher.num_prefix_tokens):
-            matches.append(name)
-    return matches
+        if shape.num_prefix_tokens - extra == teacher.num_prefix_tokens:
+            (same if shape.grid == teacher.grid else other).append(name)
+    return same + other
 
 
 def training_roots(data_roots: Sequence[str | Path]) -> list[Path]:

@@ -189,15 +189,16 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
         return None, []
     presets = matching_student_presets(t_shape)
     if not presets:
-        st.info(f"No student preset has the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid at "
-                f"{t_shape.img_size} px.")
-        return None, []
+        st.info(f"No student preset reads the teacher's {t_shape.img_size} px input with its prefix tokens: type a "
+                "timm model (timm:NAME) below.")
+        presets = ["timm:vit_tiny_patch16_224"]
     students = [p for p in presets if "student" in p] + [p for p in presets if "student" not in p]
     cols = st.columns(2)
     with cols[0]:
         student = model_picker("Student model", students, "train_student",
-                               f"Presets with the teacher's {t_shape.grid[0]}x{t_shape.grid[1]} token grid, trained "
-                               f"at the teacher's {t_shape.img_size} px input. " + MODEL_PICKER_HELP)
+                               f"Presets trained at the teacher's {t_shape.img_size} px input, those with its "
+                               f"{t_shape.grid[0]}x{t_shape.grid[1]} token grid first; on another grid the "
+                               "teacher's maps are resampled onto the student's. " + MODEL_PICKER_HELP)
     s_shape, overrides = model_fields(student, t_shape.img_size)
     if s_shape is None:
         return None, ["fix the student model"]
