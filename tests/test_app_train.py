@@ -1,10 +1,12 @@
-"""AppTest of the Train page's Resume button: a cancelled run with committed epochs continues in its folder."""
+"""AppTest of the Train page: the Resume button (a cancelled run continues in its folder), model overrides, typed timm
+models and their pretrained weights."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 from test_app_pages import APP, _app, env  # noqa: F401 - env is a fixture used by name
 
@@ -162,3 +164,25 @@ def test_train_page_takes_a_typed_timm_model(env: dict[str, Path]) -> None:  # n
     at = _app_with(env, train_mode="train", train_model="timm:no_such_vit")
     assert any("unknown model 'no_such_vit'" in e.value for e in at.error)
     assert at.button(key="train_start").disabled
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_train_page_offers_timms_pretrained_weights_only_with_a_network(
+        env: dict[str, Path], online: bool, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - the fixture
+    from app import common
+
+    hosts = []
+    monkeypatch.setattr(common, "network_available", lambda host="cs.toronto.edu", **_: hosts.append(host) or online)
+    at = _app_with(env, train_mode="train", train_model="timm:vit_tiny_patch16_224",
+                   train_overrides="depth=1, embed_dim=8, num_heads=2")
+    box = at.checkbox(key="train_pretrained")
+    assert box.disabled is (not online) and "huggingface.co" in hosts
+    assert " --pretrained" not in _command(at)
+    if online:
+        box.check().run()
+        assert not at.exception and " --pretrained " in _command(at) + " "
+    else:  # a browser user cannot tick it; the help says what to do offline
+        assert "--pretrained-file" in box.help
+    # A preset has no timm weights: no checkbox.
+    at = _app_with(env, train_mode="train", train_model="cifar-student")
+    assert not [c for c in at.checkbox if c.key == "train_pretrained"]

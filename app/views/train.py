@@ -37,9 +37,10 @@ from vitkd.jobs import (
     start_job,
     training_sources,
 )
-from vitkd.models import DISTILLED_PRESETS, PRESETS, TIMM_PREFIX, parse_model_overrides
+from vitkd.models import DISTILLED_PRESETS, PRESETS, TIMM_PREFIX, parse_model_overrides, resolve_model_name
 
 MODES = {"distill": "Distil a student from a teacher", "train": "Train on labels only (baseline or teacher)"}
+PRETRAINED_HOST = "huggingface.co"  # where timm downloads pretrained weights from
 DOWNLOAD_LABELS = {"cifar10": "CIFAR-10 (torchvision, downloaded on first use, 170 MB)",
                    "cifar100": "CIFAR-100 (torchvision, downloaded on first use, 170 MB)"}
 HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
@@ -199,7 +200,7 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                                f"Presets trained at the teacher's {t_shape.img_size} px input, those with its "
                                f"{t_shape.grid[0]}x{t_shape.grid[1]} token grid first; on another grid the "
                                "teacher's maps are resampled onto the student's. " + MODEL_PICKER_HELP)
-    s_shape, overrides = model_fields(student, t_shape.img_size)
+    s_shape, model_extra = model_fields(student, t_shape.img_size)
     if s_shape is None:
         return None, ["fix the student model"]
     deit = student in DISTILLED_PRESETS
@@ -224,7 +225,7 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
     gate = cols[2].selectbox("Gate", list(GATES), key="train_gate",
                              help="teacher-correct: distil attention only on images the teacher classifies right")
     fields = {"model": student, "teacher": teacher_path, "head_map": head_map, "loss": loss, "alpha": float(alpha),
-              "gate": gate, "img_size": t_shape.img_size, "model_overrides": overrides}
+              "gate": gate, "img_size": t_shape.img_size, **model_extra}
     if deit:
         fields["kd"] = "deit-hard"
     return fields, problems
@@ -239,7 +240,8 @@ def model_picker(label: str, presets: list[str], key: str, help: str) -> str:
 
 
 def model_fields(model: str, img_size: int | None = None) -> tuple[ModelShape | None, dict[str, Any]]:
-    """The overrides text box, then the model's shape with them; (None, {}) after showing the error."""
+    """The overrides text box (and, for a timm model, timm's pretrained weights), then the model's shape;
+    returns (shape, run config fields), or (None, {}) after showing the error."""
     text = st.text_input("Model overrides", key="train_overrides", placeholder="patch_size=8, depth=2",
                          help=OVERRIDES_HELP)
     try:
@@ -248,18 +250,27 @@ def model_fields(model: str, img_size: int | None = None) -> tuple[ModelShape | 
     except VitkdError as exc:
         st.error(common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
         return None, {}
-    return shape, overrides
+    fields: dict[str, Any] = {"model_overrides": overrides}
+    if resolve_model_name(model) not in PRESETS:
+        online = common.network_available(PRETRAINED_HOST)
+        pretrained = st.checkbox("Start from timm's pretrained weights", key="train_pretrained", disabled=not online,
+                                 help="Downloaded by timm on first use." if online else
+                                 "This server cannot reach the model hub. Offline, train from the command line "
+                                 "with `--pretrained-file PATH` (a local timm weights file).")
+        if pretrained and online:
+            fields["pretrained"] = True
+    return shape, fields
 
 
 def train_fields() -> dict[str, Any] | None:
     presets = [p for p in PRESETS if p not in DISTILLED_PRESETS]  # a distillation token needs a teacher
     model = model_picker("Model", presets, "train_model", MODEL_PICKER_HELP)
-    shape, overrides = model_fields(model)
+    shape, fields = model_fields(model)
     if shape is None:
         return None
     st.caption(f"{shape.depth} blocks x {shape.num_heads} heads, {shape.img_size} px input, "
                f"{shape.grid[0]}x{shape.grid[1]} patch grid.")
-    return {"model": model, "model_overrides": overrides}
+    return {"model": model, **fields}
 
 
 def main() -> None:
