@@ -290,6 +290,14 @@ def test_load_pair_and_incompatibilities(tmp_path: Path, models):
     # A head map naming teacher heads this teacher lacks is dropped with a note, not an error.
     misfit = check_pair(teacher, t_meta, student, dict(s_meta, head_map=[[5, 0, 1, 0]]))
     assert misfit.head_map is None and "does not fit" in misfit.notes[0]
+    # A head map recorded against another teacher architecture (same shape, other layers) is not drawn here.
+    recorded = {"name": "cifar-teacher-sl", "num_classes": 10, "img_size": None, "overrides": {"depth": 2}}
+    elsewhere = check_pair(teacher, t_meta, student, dict(s_meta, teacher={"model": recorded}))
+    assert elsewhere.head_map is None and elsewhere.notes == (
+        "the student was distilled from a cifar-teacher-sl (depth=2) teacher, not this one; its head map does not "
+        "describe this pair, so distilled pairs are not shown",)
+    same = dict(recorded, name=teacher.vitkd_config.name, overrides=teacher.vitkd_config.overrides)
+    assert check_pair(teacher, t_meta, student, dict(s_meta, teacher={"model": same})).head_map is not None
 
 
 def test_model_summary(models):

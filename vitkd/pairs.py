@@ -23,7 +23,7 @@ from .attention import TokenLayout, token_layout
 from .checkpoint import load_checkpoint
 from .errors import ConfigError, IncompatibleModelsError
 from .headmap import HeadMap
-from .models import describe_model, has_distillation_token
+from .models import describe_model, format_model_overrides, has_distillation_token
 
 __all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats", "names_preview",
            "coarser_grid", "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
@@ -179,6 +179,11 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
     notes: list[str] = []
     head_map = None
     rows = student_meta.get("head_map")
+    other = _other_teacher(teacher, teacher_meta, student_meta) if rows else None
+    if other:
+        notes.append(f"the student was distilled from a {other} teacher, not this one; its head map does not "
+                     "describe this pair, so distilled pairs are not shown")
+        rows = None
     if rows:
         t_desc, s_desc = describe_model(teacher), describe_model(student)
         try:
@@ -188,6 +193,25 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
             notes.append(f"the student's head map does not fit this teacher ({exc}); distilled pairs are not shown")
     return ModelPair(teacher, teacher_meta, student, student_meta, layout, teacher_size, teacher_names,
                      head_map, tuple(notes), teacher_layout, student_layout)
+
+
+def _other_teacher(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any],
+                   student_meta: Mapping[str, Any]) -> str | None:
+    """The architecture the student's recorded teacher had, when it is not this teacher's (else None).
+
+    A head map names heads of the teacher the student learned from; drawn against another teacher
+    (say an SL-ViT one of the same shape) its frames would claim pairs that never trained together.
+    Same-architecture teachers with other weights cannot be told apart here.
+    """
+    recorded = (student_meta.get("teacher") or {}).get("model")
+    actual = teacher_meta.get("model") or getattr(getattr(teacher, "vitkd_config", None), "to_dict", lambda: None)()
+    if not isinstance(recorded, Mapping) or not isinstance(actual, Mapping):
+        return None
+    keys = ("name", "num_classes", "img_size", "overrides")
+    if all(recorded.get(k) == actual.get(k) for k in keys):
+        return None
+    overrides = recorded.get("overrides") or {}
+    return str(recorded.get("name")) + (f" ({', '.join(format_model_overrides(overrides))})" if overrides else "")
 
 
 def load_pair(teacher_path: str | Path, student_path: str | Path, device: str | torch.device = "cpu") -> ModelPair:
