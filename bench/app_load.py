@@ -56,25 +56,22 @@ VIEWPORT = {"width": 1400, "height": 1000}
 
 # Both prediction charts and the caption naming ``name`` are on the page and fresh (not left over, faded,
 # from the previous script run). textContent, not innerText: a check must not force a layout of the page.
-PREDICTIONS_SHOWN = """(name) => {
+# Opens a check of the caption naming ``name``, counting only elements not left over (stale) from a previous run.
+_FRESH_CAPTION = """(name) => {
     const fresh = el => {
         const box = el.closest('[data-testid="stElementContainer"]');
         return box !== null && box.getAttribute('data-stale') !== 'true';
     };
     const caption = Array.from(document.querySelectorAll('[data-testid="stCaptionContainer"]'))
         .some(el => fresh(el) && el.textContent.includes(name + " ("));
+"""
+PREDICTIONS_SHOWN = _FRESH_CAPTION + """\
     const titles = Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .gtitle'))
         .filter(fresh).map(t => t.textContent);
     return caption && titles.some(t => t.startsWith("Teacher: ")) && titles.some(t => t.startsWith("Student: "));
 }"""
 # Same caption, the script no longer running, the head maps' heading there and every image loaded.
-PAGE_DONE = """(name) => {
-    const fresh = el => {
-        const box = el.closest('[data-testid="stElementContainer"]');
-        return box !== null && box.getAttribute('data-stale') !== 'true';
-    };
-    const caption = Array.from(document.querySelectorAll('[data-testid="stCaptionContainer"]'))
-        .some(el => fresh(el) && el.textContent.includes(name + " ("));
+PAGE_DONE = _FRESH_CAPTION + """\
     const maps = Array.from(document.querySelectorAll('[data-testid="stMarkdownContainer"]'))
         .some(el => el.textContent.includes("Teacher, block"));
     const running = document.querySelector('[data-testid="stStatusWidget"]');

@@ -164,6 +164,25 @@ def _forge(path: Path, model: dict, tensors: dict[str, torch.Tensor] | None = No
     return path
 
 
+def _refused_quickly(path: Path, match: str, peak_bytes: float) -> pytest.ExceptionInfo:
+    """``load_checkpoint(path)`` raises ``CheckpointError`` matching ``match`` within 2 s, tracing under
+    ``peak_bytes`` of Python allocations on the way: refused before anything the header claims is allocated."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_checkpoint(path)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < peak_bytes, (elapsed, peak)
+    return info
+
+
 def test_loader_arguments_in_overrides_are_refused_and_never_opened(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
@@ -216,44 +235,22 @@ def test_model_names_outside_presets_and_the_timm_registry_are_refused(tmp_path:
 
 
 def test_a_tiny_file_claiming_a_huge_model_is_refused_before_allocating(tmp_path: Path) -> None:
-    import time
-    import tracemalloc
 
     # depth 10,000 x embed 8,192: about 8e12 parameters (32 TB) claimed by a 1 KB file.
     path = _forge(tmp_path / "huge.safetensors", {"name": "cifar-student", "num_classes": 10, "img_size": None,
                                                    "overrides": {"depth": 10_000, "embed_dim": 8192}})
     assert path.stat().st_size < 1024
-    tracemalloc.start()
-    start = time.perf_counter()
-    try:
-        with pytest.raises(CheckpointError, match="depth 10000.*0 blocks") as info:
-            load_checkpoint(path)
-        elapsed = time.perf_counter() - start
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert elapsed < 2.0 and peak < 5e6, (elapsed, peak)
+    info = _refused_quickly(path, "depth 10000.*0 blocks", peak_bytes=5e6)
     assert "\n" not in str(info.value) and "do not match the recorded architecture" in str(info.value)
 
 
 def test_a_plausible_depth_with_an_absurd_width_is_refused_on_the_meta_device(tmp_path: Path) -> None:
-    import time
-    import tracemalloc
 
     # Two blocks, as the file holds, but 8,192 wide: 1.6e9 parameters (6.4 GB) the file does not hold.
     tensors = {f"blocks.{i}.attn.qkv.weight": torch.zeros(3, 2) for i in range(2)}
     path = _forge(tmp_path / "wide.safetensors", {"name": "cifar-student", "num_classes": 10, "img_size": None,
                                                    "overrides": {"depth": 2, "embed_dim": 8192}}, tensors)
-    tracemalloc.start()
-    start = time.perf_counter()
-    try:
-        with pytest.raises(CheckpointError, match=r"describes [\d,]+ parameters but the file is only [\d,]+ bytes"):
-            load_checkpoint(path)
-        elapsed = time.perf_counter() - start
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert elapsed < 2.0 and peak < 20e6, (elapsed, peak)
+    _refused_quickly(path, r"describes [\d,]+ parameters but the file is only [\d,]+ bytes", peak_bytes=20e6)
 
 
 def test_header_keys_and_shapes_are_compared_before_the_model_is_allocated(saved, tmp_path: Path,

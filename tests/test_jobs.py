@@ -290,12 +290,12 @@ def test_config_to_args_passes_model_overrides_and_weights(tmp_path: Path) -> No
 def test_student_presets_for_a_teacher_put_its_grid_first_and_keep_other_grids() -> None:
     """At the cifar-teacher's 32 px: patch 4 presets give its 8x8 grid, patch 8 (seed-*) 4x4, patch 16 (nette-*)
     2x2; all can be distilled into (other grids are resampled), the teacher's grid first."""
-    from vitkd.jobs import matching_student_presets, preset_shape
+    from vitkd.jobs import preset_shape, student_presets_for
 
-    got = matching_student_presets(preset_shape("cifar-teacher"))
+    got = student_presets_for(preset_shape("cifar-teacher"))
     same = ["cifar-teacher", "cifar-student", "cifar-teacher-sl", "cifar-student-sl", "cifar-student-deit"]
     assert got[:len(same)] == same
     assert set(got[len(same):]) == {"seed-teacher", "seed-student", "nette-teacher", "nette-student",
                                     "nette-student-deit"}
     # A teacher at 36 px: only presets whose patch divides 36 (patch 4), all on its 9x9 grid.
-    assert matching_student_presets(preset_shape("cifar-teacher", 36)) == same
+    assert student_presets_for(preset_shape("cifar-teacher", 36)) == same

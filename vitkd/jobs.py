@@ -35,7 +35,7 @@ from .rundir import RunDir
 __all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "resume_job", "active_job", "job_status", "cancel_job",
            "list_jobs", "load_job", "config_to_args", "LOCK_NAME", "ModelShape", "preset_shape", "checkpoint_shape",
            "model_shape",
-           "matching_student_presets", "training_roots", "folder_class_names", "DOWNLOADABLE_SOURCES",
+           "student_presets_for", "training_roots", "folder_class_names", "DOWNLOADABLE_SOURCES",
            "training_sources", "source_class_names"]
 
 LOCK_NAME = ".active_job"
@@ -563,7 +563,7 @@ def _built_shape(model: Any) -> ModelShape:
                       distillation_token=has_distillation_token(model))
 
 
-def matching_student_presets(teacher: ModelShape) -> list[str]:
+def student_presets_for(teacher: ModelShape) -> list[str]:
     """Presets a student can be distilled into from ``teacher``, trained at the teacher's input size: those
     with the teacher's token grid first, then other grids (the teacher's maps are resampled onto the
     student's grid, ``vitkd.resample``).

@@ -204,7 +204,8 @@ def _other_teacher(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any],
     Same-architecture teachers with other weights cannot be told apart here.
     """
     recorded = (student_meta.get("teacher") or {}).get("model")
-    actual = teacher_meta.get("model") or getattr(getattr(teacher, "vitkd_config", None), "to_dict", lambda: None)()
+    built = getattr(teacher, "vitkd_config", None)  # a model built by vitkd, not read from a checkpoint
+    actual = teacher_meta.get("model") or (built.to_dict() if built is not None else None)
     if not isinstance(recorded, Mapping) or not isinstance(actual, Mapping):
         return None
     keys = ("name", "num_classes", "img_size", "overrides")

@@ -30,11 +30,11 @@ from vitkd.jobs import (
     config_to_args,
     job_status,
     list_jobs,
-    matching_student_presets,
     model_shape,
     resume_job,
     source_class_names,
     start_job,
+    student_presets_for,
     training_sources,
 )
 from vitkd.models import DISTILLED_PRESETS, PRESETS, TIMM_PREFIX, parse_model_overrides, resolve_model_name
@@ -188,7 +188,7 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
         st.error("Cannot read the teacher's architecture: "
                  + common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
         return None, []
-    presets = matching_student_presets(t_shape)
+    presets = student_presets_for(t_shape)
     if not presets:
         st.info(f"No student preset reads the teacher's {t_shape.img_size} px input with its prefix tokens: type a "
                 "timm model (timm:NAME) below.")
