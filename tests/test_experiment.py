@@ -10,7 +10,7 @@ import yaml
 
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import ConfigError
-from vitkd.experiment import bundle_checkpoints, load_experiment, results_table, run_experiment
+from vitkd.experiment import bundle_checkpoints, experiment_status, load_experiment, results_table, run_experiment
 from vitkd.rundir import RunDir
 
 
@@ -61,6 +61,28 @@ def test_experiment_runs_skips_and_bundles(tmp_path: Path, image_folder: Path) -
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/last.safetensors")}
     run_experiment(config, progress=False)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+    status = experiment_status(config)
+    for r in results:
+        assert f"| {r['name']} | {r.get('group', '-')} | finished (1/1) | {r['accuracy']:.2f} |" in status
+
+
+def test_status_says_how_far_each_run_got_and_writes_nothing(tmp_path: Path, image_folder: Path) -> None:
+    config = _write_config(tmp_path, image_folder)
+    runs = tmp_path / "runs"
+    (runs / "teacher").mkdir(parents=True)  # mid-way through epoch 1, last written 3 minutes before `now`
+    (runs / "teacher" / "progress.json").write_text(json.dumps(
+        {"epoch": 0, "epochs": 1, "batch": 5, "batches": 12, "loss": 2.0, "time": 1000.0}))
+    (runs / "baseline").mkdir()
+    (runs / "baseline" / "progress.json").write_text("{not json")  # a torn file reads as no progress
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    status = experiment_status(config, now=1000.0 + 180)
+    assert status.splitlines()[2:] == [
+        "| teacher | - | 0/1 epochs done; epoch 1 was at batch 5/12 3 min ago | - |",
+        "| baseline | baseline | not started | - |",
+        "| distilled | kl | not started | - |",
+    ]
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
 def test_experiment_rejects_unknown_teacher_and_keys(tmp_path: Path, image_folder: Path) -> None:

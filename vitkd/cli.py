@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file, e.g. configs/cifar10.yaml")
     p.add_argument("--only", nargs="*", default=None, help="run only these run names")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--status", action="store_true",
+                   help="print how far each run got (read-only, safe while the study trains) and exit")
     sub.add_parser("presets", help="list model presets with parameter counts")
     return parser
 
@@ -162,9 +164,12 @@ def _run(args: argparse.Namespace) -> int:
             if args.csv:
                 print(f"per-image rows: {args.csv}")
     elif args.command == "experiment":
-        from .experiment import run_experiment
+        from .experiment import experiment_status, run_experiment
 
-        run_experiment(args.config, only=args.only)
+        if args.status:
+            print(experiment_status(args.config), end="")
+        else:
+            run_experiment(args.config, only=args.only)
     elif args.command == "presets":
         from .models import PRESETS, build_model, describe_model
 

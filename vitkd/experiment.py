@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .files import atomic_target, write_text_atomic
 from .rundir import RunDir
 from .train import TrainConfig, train
 
-__all__ = ["load_experiment", "run_experiment", "results_table"]
+__all__ = ["load_experiment", "run_experiment", "results_table", "experiment_status"]
 
 
 def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, TrainConfig, dict[str, Any]]]]:
@@ -97,13 +98,53 @@ def results_table(results: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {loss} | {head_map} | {c['alpha']} | {selection} | {kd} | {c['seed']} | "
             f"{r['epoch']}/{c['epochs']} | {r['parameters'] / 1e6:.2f}M | {r['accuracy']:.2f} | "
             f"{r['wall_time_s'] / 60:.0f} min |")
+    return "\n".join(lines + _group_lines(results)) + "\n"
+
+
+def _group_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The group table (mean +- spread over finished seeds), after a blank line; empty without groups."""
     groups = _group_stats(results)
-    if groups:
-        lines += ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
-        for group, (mean, spread, seeds) in groups.items():
-            spread_text = f"{spread:.2f}" if seeds > 1 else "- (one seed)"
-            lines.append(f"| {group} | {seeds} | {mean:.2f} | {spread_text} |")
-    return "\n".join(lines) + "\n"
+    if not groups:
+        return []
+    lines = ["", "| group | seeds | mean top-1 % | spread (max - min) |", "|---|---|---|---|"]
+    for group, (mean, spread, seeds) in groups.items():
+        spread_text = f"{spread:.2f}" if seeds > 1 else "- (one seed)"
+        lines.append(f"| {group} | {seeds} | {mean:.2f} | {spread_text} |")
+    return lines
+
+
+def _run_state(summary: dict[str, Any] | None, run_dir: RunDir, epochs: int, now: float) -> str:
+    """Where a run stands, from its checkpoint and its progress file (written every few seconds)."""
+    if summary is not None and summary["finished"]:
+        return f"finished ({epochs}/{epochs})"
+    done = summary["epoch"] if summary is not None else 0
+    progress = run_dir.read_progress()
+    batch, batches, stamp = progress.get("batch"), progress.get("batches"), progress.get("time")
+    if (progress.get("epoch") == done and isinstance(batch, int) and isinstance(batches, int)
+            and isinstance(stamp, (int, float)) and 0 < batch < batches):
+        minutes = max(0.0, now - stamp) / 60
+        return (f"{done}/{epochs} epochs done; epoch {done + 1} was at batch {batch}/{batches} "
+                f"{minutes:.0f} min ago")
+    return f"{done}/{epochs} epochs done" if done else "not started"
+
+
+def experiment_status(path: str | Path, now: float | None = None) -> str:
+    """Markdown: every run of the config in order, how far it got and its last test accuracy.
+
+    Read-only (safe while the study trains): it writes nothing and takes no lock.
+    """
+    _, runs = load_experiment(path)
+    now = time.time() if now is None else now
+    lines = ["| run | group | state | top-1 % (last epoch) |", "|---|---|---|---|"]
+    results = []
+    for name, config, extra in runs:
+        summary = _run_summary(name, config, extra)
+        state = _run_state(summary, RunDir(config.out_dir), config.epochs, now)
+        accuracy = f"{summary['accuracy']:.2f}" if summary is not None else "-"
+        lines.append(f"| {name} | {extra.get('group', '-')} | {state} | {accuracy} |")
+        if summary is not None:
+            results.append(summary)
+    return "\n".join(lines + _group_lines(results)) + "\n"
 
 
 def run_experiment(path: str | Path, only: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
