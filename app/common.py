@@ -25,10 +25,12 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 import torch
+from plotly.subplots import make_subplots
 
 from vitkd.analysis import ImageAnalysis, ModelAnalysis, analyze_pair, class_rollout
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import VitkdError
+from vitkd.head_stats import HeadStats
 from vitkd.headmap import HeadMap
 from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image
 from vitkd.maps import heads_text
@@ -609,4 +611,45 @@ def divergence_figure(matrix: np.ndarray, teacher_block: int, student_block: int
                                  hoverinfo="skip"))
     fig.update_layout(height=120 + 40 * matrix.shape[0], margin=dict(l=10, r=10, t=30, b=10),
                       yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+# What each field of ``HeadStats`` is called on the chart, and how its values are written.
+HEAD_STAT_LABELS: dict[str, tuple[str, str]] = {
+    "distance_px": ("mean attention distance (px)", ".1f"),
+    "entropy_bits": ("attention entropy (bits)", ".2f"),
+    "self_share": ("attention to itself", ".1%"),
+    "prefix_share": ("attention to CLS / prefix tokens", ".1%"),
+}
+ROLE_COLORS = {"teacher": "#4c78a8", "student": "#f58518"}
+
+
+def head_stats_figure(stats: Mapping[str, HeadStats], metric: str,
+                      distilled: Mapping[str, set[tuple[int, int]]]) -> go.Figure:
+    """One marker per head, blocks along x (teacher left, student right, one y axis); ``distilled[role]``
+    holds the (block, head) pairs of the head map, drawn as gold-edged diamonds. Hover shows all four numbers."""
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("Teacher", "Student"),
+                        horizontal_spacing=0.04)
+    title, fmt = HEAD_STAT_LABELS[metric]
+    for col, (role, prefix) in enumerate((("teacher", "T"), ("student", "S")), start=1):
+        values = getattr(stats[role], metric)
+        depth, heads = values.shape
+        for in_map in (False, True):
+            cells = [(b, h) for b in range(depth) for h in range(heads) if ((b, h) in distilled[role]) == in_map]
+            if not cells:
+                continue
+            hover = ["<br>".join([f"{prefix}{b}.h{h}"] + [f"{label}: {getattr(stats[role], key)[b, h]:{f}}"
+                                                          for key, (label, f) in HEAD_STAT_LABELS.items()])
+                     for b, h in cells]
+            marker = (dict(symbol="diamond", size=12, color=ROLE_COLORS[role], line=dict(width=2, color="#ffc400"))
+                      if in_map else dict(size=8, color=ROLE_COLORS[role], opacity=0.8))
+            fig.add_trace(go.Scatter(
+                x=[b + (h - (heads - 1) / 2) * 0.5 / heads for b, h in cells],  # heads side by side in a block
+                y=[values[b, h] for b, h in cells], mode="markers", marker=marker, hovertext=hover,
+                hoverinfo="text", name=f"{role}: head in the head map" if in_map else role), row=1, col=col)
+        fig.update_xaxes(title_text="block", tickmode="array", tickvals=list(range(depth)), row=1, col=col)
+    fig.update_yaxes(title_text=title, row=1, col=1)
+    if metric in ("self_share", "prefix_share"):
+        fig.update_yaxes(tickformat=".0%")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
     return fig

@@ -90,6 +90,18 @@ def chart_titles(at: AppTest) -> list[str]:
             if "title" in json.loads(c.proto.spec)["layout"]]
 
 
+def chart_data(at: AppTest, key: str) -> list[dict]:
+    """The traces of the plotly chart drawn with widget key ``key``."""
+    return next(json.loads(c.proto.spec)["data"] for c in at.get("plotly_chart") if c.proto.id.endswith(key))
+
+
+def plotly_array(value: list | dict) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array ({"dtype", "bdata": base64})."""
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), value["dtype"])
+    return np.asarray(value, dtype=float)
+
+
 def expected_titles(folder: Path, student: str, image_bytes: bytes) -> list[str]:
     """What the page should show, computed with the library directly (no Streamlit)."""
     pair = load_pair(folder / "tiny-teacher.safetensors", folder / student)
@@ -223,12 +235,32 @@ def test_a_pair_with_different_patch_grids(app_env: Path):
     table = at.dataframe[0].value
     assert list(table["teacher head"]) == [f"T1.h{{{2 * h},{2 * h + 1}}}" for h in range(4)]
     np.testing.assert_allclose(table["JS divergence (bits)"].to_numpy(), [round(r["js"], 5) for r in ref], atol=1e-5)
-    heatmap = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"]
-    z = heatmap[0]["z"]  # plotly's typed array: base64 float64, "rows, cols"
-    shown = np.frombuffer(base64.b64decode(z["bdata"]), z["dtype"]).reshape(4, 8)
+    heatmap = chart_data(at, "explore_js")
+    shown = plotly_array(heatmap[0]["z"]).reshape(4, 8)
     analysis = analyze_pair(pair, load_image(example.path.read_bytes()))
     np.testing.assert_allclose(shown, block_divergence(analysis, 1, 1), atol=1e-12)
     assert len(heatmap[1]["x"]) == 8  # each student head framed with both teacher heads of its group
+
+    # Head summaries: each model's heads at its own grid, distances in input pixels; the head map as diamonds.
+    traces = {t["name"]: t for t in chart_data(at, "explore_headstats")}
+    assert set(traces) == {"teacher", "teacher: head in the head map", "student", "student: head in the head map"}
+    for role in ("teacher", "student"):
+        expected = analysis.model(role).head_stats().distance_px
+        in_map = {(p.teacher_block, p.teacher_head) if role == "teacher" else (p.student_block, p.student_head)
+                  for p in pair.head_map.pairs}
+        shown_values = {}
+        for name in (role, f"{role}: head in the head map"):
+            prefix = "T" if role == "teacher" else "S"
+            for text, y in zip(traces[name]["hovertext"], plotly_array(traces[name]["y"]), strict=True):
+                block, head = map(int, text.split("<br>")[0][1:].split(".h"))
+                assert text.startswith(prefix) and ((block, head) in in_map) == name.endswith("map")
+                shown_values[block, head] = y
+        assert sorted(shown_values) == [(b, h) for b in range(expected.shape[0]) for h in range(expected.shape[1])]
+        np.testing.assert_allclose([shown_values[k] for k in sorted(shown_values)], expected.ravel(), atol=1e-9)
+    at.segmented_control(key="explore_headstat").set_value("self_share").run()
+    assert not at.exception and main_errors(at) == []
+    shown_self = plotly_array(chart_data(at, "explore_headstats")[0]["y"])
+    assert shown_self.min() >= 0 and shown_self.max() <= 1
 
 
 def huge_png(width: int, height: int) -> bytes:

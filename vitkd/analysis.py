@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .attention import TokenLayout, capture_attention
+from .head_stats import HeadStats, head_stats
 from .headmap import HeadMap
 from .images import preprocess
 from .pairs import ModelPair, check_pair, norm_stats, restrict_tokens
@@ -70,6 +71,10 @@ class ModelAnalysis:
     @property
     def num_heads(self) -> int:
         return int(self.attn_probs.shape[1])
+
+    def head_stats(self) -> HeadStats:
+        """``[L, H]`` per-head summaries of ``attn_probs`` (``vitkd.head_stats``), distances in input pixels."""
+        return head_stats(self.attn_probs, self.layout, (int(self.inputs.shape[-2]), int(self.inputs.shape[-1])))
 
 
 @dataclass(frozen=True)

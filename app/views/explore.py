@@ -419,13 +419,30 @@ def show_agreement(analysis: ImageAnalysis, teacher_block: int, student_block: i
     rows = pair_divergences(analysis)
     if not rows:
         st.info("This student has no head map (a baseline or a student of another teacher): no distilled pairs.")
-        return
-    st.markdown("**Distilled pairs on this image** (rank 1: the taught teacher head, or the mean of a group of "
-                "heads, is closer than every head of its block)")
-    st.dataframe([{"teacher head": f"T{r['teacher_block']}.h{heads_text(r['teacher_head'])}",
-                   "student head": f"S{r['student_block']}.h{r['student_head']}",
-                   "JS divergence (bits)": round(r["js"], 5), "rank": f"{r['rank']} of {r['teacher_heads']}"}
-                  for r in rows], hide_index=True)
+    else:
+        st.markdown("**Distilled pairs on this image** (rank 1: the taught teacher head, or the mean of a group of "
+                    "heads, is closer than every head of its block)")
+        st.dataframe([{"teacher head": f"T{r['teacher_block']}.h{heads_text(r['teacher_head'])}",
+                       "student head": f"S{r['student_block']}.h{r['student_head']}",
+                       "JS divergence (bits)": round(r["js"], 5), "rank": f"{r['rank']} of {r['teacher_heads']}"}
+                      for r in rows], hide_index=True)
+    show_head_stats(analysis)
+
+
+def show_head_stats(analysis: ImageAnalysis) -> None:
+    """One number per head and block for both models: where a student head looks unlike its teacher's."""
+    st.markdown("**How each head looks on this image**: one marker per head, averaged over the query patches. "
+                "Distance: how far from a patch its attention goes, in input pixels (each model at its own input "
+                "size; 0 = only itself). Hover a marker for all four numbers.")
+    metric = st.segmented_control("Measure", list(common.HEAD_STAT_LABELS), default="distance_px",
+                                  format_func=lambda k: common.HEAD_STAT_LABELS[k][0], key="explore_headstat",
+                                  required=True)
+    head_map = analysis.head_map
+    distilled = {"teacher": {(p.teacher_block, p.teacher_head) for p in head_map.pairs} if head_map else set(),
+                 "student": {(p.student_block, p.student_head) for p in head_map.pairs} if head_map else set()}
+    stats = {role: analysis.model(role).head_stats() for role in ("teacher", "student")}
+    st.plotly_chart(common.head_stats_figure(stats, metric, distilled), key="explore_headstats",
+                    config={"displayModeBar": False})
 
 
 def export_png(shown: Shown, teacher_block: int, student_block: int, query: tuple[int, int] | None, view: str,
