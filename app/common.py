@@ -33,6 +33,7 @@ from vitkd.errors import VitkdError
 from vitkd.head_stats import HeadStats
 from vitkd.headmap import HeadMap
 from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image
+from vitkd.importance import HeadImportance, head_importance_checkpoint
 from vitkd.maps import heads_text
 from vitkd.pairs import ModelPair, check_pair, model_summary
 from vitkd.rundir import RunDir
@@ -348,6 +349,21 @@ def analyze_cached(pair_key: str, key: str, true_label: int | None, _pair: Model
     return analyze_pair(_pair, _image, true_label=true_label)
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def head_importance_cached(path: str, mtime: float, source: str, limit: int) -> HeadImportance:
+    """``head_importance_checkpoint`` on ``limit`` training images of ``source`` (a configured one), once per
+    (checkpoint version, source, limit). The bar lives here so a cache hit replays it (it ends empty)."""
+    bar = st.progress(0.0, text="Reading the training images...")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"Switched off {done - 1} of {total - 1} heads")
+
+    result = head_importance_checkpoint(path, data=source, split="train", limit=limit, device=_device(),
+                                        progress=progress)
+    bar.empty()
+    return result
+
+
 @st.cache_data(max_entries=64, show_spinner="Computing class rollout...")
 def class_rollout_cached(pair_key: str, key: str, role: str, class_index: int, _model: torch.nn.Module,
                          _result: ModelAnalysis) -> np.ndarray:
@@ -652,4 +668,17 @@ def head_stats_figure(stats: Mapping[str, HeadStats], metric: str,
     if metric in ("self_share", "prefix_share"):
         fig.update_yaxes(tickformat=".0%")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def importance_figure(result: HeadImportance) -> go.Figure:
+    """Block (rows) x head (columns): cross-entropy increase with that head switched off; hover adds top-1 lost."""
+    loss, drop = result.loss_increase, result.accuracy_drop
+    text = [[f"block {b} head {h}: loss {loss[b, h]:+.4f}, top-1 {-drop[b, h]:+.2f} points"
+             for h in range(loss.shape[1])] for b in range(loss.shape[0])]
+    fig = go.Figure(go.Heatmap(z=loss, x=[f"h{h}" for h in range(loss.shape[1])],
+                               y=[f"block {b}" for b in range(loss.shape[0])], colorscale="Reds", zmin=0,
+                               colorbar=dict(title="loss +"), hovertext=text, hoverinfo="text"))
+    fig.update_layout(height=120 + 34 * loss.shape[0], margin=dict(l=10, r=10, t=10, b=10),
+                      yaxis=dict(autorange="reversed"))
     return fig

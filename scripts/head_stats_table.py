@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitkd.attention import capture_attention, token_layout  # noqa: E402
 from vitkd.checkpoint import load_checkpoint  # noqa: E402
-from vitkd.data import load_split, normalize  # noqa: E402
+from vitkd.data import evenly_spaced, load_split, normalize  # noqa: E402
 from vitkd.head_stats import head_stats  # noqa: E402
 from vitkd.pairs import model_img_size, norm_stats  # noqa: E402
 
@@ -32,7 +32,7 @@ def block_stats(path: str, data: str, limit: int, batch_size: int) -> dict[str, 
     model, meta = load_checkpoint(path)
     size = model_img_size(model, meta)
     split = load_split(data, "test", size, progress=False)
-    picks = np.linspace(0, len(split) - 1, min(limit, len(split))).round().astype(int)
+    picks = np.asarray(evenly_spaced(len(split), limit))
     mean, std = norm_stats(meta)
     layout = token_layout(model)
     sums: dict[str, np.ndarray] = {}

@@ -1,16 +1,20 @@
 """AppTest of the Train page: the Resume button (a cancelled run continues in its folder), model overrides, typed timm
-models and their pretrained weights."""
+models and their pretrained weights, the teacher head ranking."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_app_explore import plotly_array
 from test_app_pages import APP, _app, env  # noqa: F401 - env is a fixture used by name
 
 from vitkd.errors import CheckpointError
+from vitkd.importance import head_importance_checkpoint
 from vitkd.jobs import active_job, cancel_job, job_status, list_jobs, start_job
 from vitkd.rundir import RunDir
 
@@ -186,3 +190,21 @@ def test_train_page_offers_timms_pretrained_weights_only_with_a_network(
     # A preset has no timm weights: no checkbox.
     at = _app_with(env, train_mode="train", train_model="cifar-student")
     assert not [c for c in at.checkbox if c.key == "train_pretrained"]
+
+
+def test_train_page_ranks_the_teachers_heads_on_training_images(env: dict[str, Path]) -> None:  # noqa: F811
+    at = _app(env, "views/train.py")
+    at.radio(key="train_mode").set_value("distill").run()
+    at.selectbox(key="train_teacher").set_value(str(env["teacher"])).run()
+    at.text_input(key="train_overrides").input("depth=2").run()  # a student the 2-block teacher can teach
+    assert not at.get("plotly_chart")  # nothing is computed before the button
+    at.number_input(key="train_rank_limit").set_value(40).run()
+    at.button(key="train_rank").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    chart = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("train_rank_chart"))
+    shown = plotly_array(json.loads(chart.proto.spec)["data"][0]["z"]).reshape(2, 8)
+    expected = head_importance_checkpoint(env["teacher"], data=f"imagefolder:{env['data']}", split="train",
+                                          limit=40, device="cpu")
+    np.testing.assert_allclose(shown, expected.loss_increase, rtol=1e-6, atol=1e-9)
+    top = ", ".join(f"{b}.{h}" for b, h in expected.ranking()[:8])
+    assert any("40 training images" in c.value and top in c.value for c in at.caption)

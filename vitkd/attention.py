@@ -15,7 +15,7 @@ diagonal at ``-inf``), so each captured map's diagonal has probability exactly 0
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +79,13 @@ def token_layout(model: torch.nn.Module) -> TokenLayout:
     return TokenLayout(num_prefix_tokens=int(vit.num_prefix_tokens), grid_size=(int(grid[0]), int(grid[1])))
 
 
-def _attention_with_logits(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_with_logits(attn: Attention, x: torch.Tensor, head_mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm ``Attention.forward`` unfused, also returning logits and the probabilities it used.
 
     For ``LocalitySelfAttention`` the logits come from its ``attention_logits`` (scaled by its
-    learned ``logit_scale``, diagonal ``-inf``), as in its own unfused forward.
+    learned ``logit_scale``, diagonal ``-inf``), as in its own unfused forward. ``head_mask`` [H]
+    multiplies each head's output right before the output projection (0 switches a head off).
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -100,6 +102,8 @@ def _attention_with_logits(attn: Attention, x: torch.Tensor) -> tuple[torch.Tens
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
+    if head_mask is not None:
+        out = out * head_mask.to(out.dtype).repeat_interleave(attn.head_dim)
     out = attn.proj_drop(attn.proj(out))
     return out, logits, probs
 
@@ -108,15 +112,26 @@ def capture_attention(
     model: torch.nn.Module,
     images: torch.Tensor,
     blocks: Iterable[int] | None = None,
+    head_mask: Mapping[int, torch.Tensor] | None = None,
 ) -> AttentionOutputs:
-    """Forward ``images`` [B, 3, H, W] through ``model``, capturing the requested blocks (all if None)."""
+    """Forward ``images`` [B, 3, H, W] through ``model``, capturing the requested blocks (all if None).
+
+    ``head_mask`` ``{block: [H] multipliers}`` scales each head's output of those blocks before the
+    block's output projection (``vitkd.importance`` switches heads off with it); masked blocks run
+    unfused whether captured or not.
+    """
     vit = check_supported(model)
     depth = len(vit.blocks)
     wanted = set(range(depth)) if blocks is None else {int(b) for b in blocks}
-    bad = sorted(b for b in wanted if not 0 <= b < depth)
+    masks = {int(b): m for b, m in (head_mask or {}).items()}
+    bad = sorted(b for b in wanted | set(masks) if not 0 <= b < depth)
     if bad:
         raise IncompatibleModelsError(f"blocks {bad} out of range for a {depth}-block {type(vit).__name__}")
-    last = max(wanted, default=-1)
+    for b, m in masks.items():
+        if m.shape != (vit.blocks[b].attn.num_heads,):
+            raise IncompatibleModelsError(f"head mask of block {b} has shape {tuple(m.shape)}; the block has "
+                                          f"{vit.blocks[b].attn.num_heads} heads")
+    last = max(wanted | set(masks), default=-1)
     attn_logits: dict[int, torch.Tensor] = {}
     attn_probs: dict[int, torch.Tensor] = {}
 
@@ -125,9 +140,10 @@ def capture_attention(
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)
     for idx, blk in enumerate(vit.blocks):
-        if idx in wanted:
-            out, logits, probs = _attention_with_logits(blk.attn, blk.norm1(x))
-            attn_logits[idx], attn_probs[idx] = logits, probs
+        if idx in wanted or idx in masks:
+            out, logits, probs = _attention_with_logits(blk.attn, blk.norm1(x), masks.get(idx))
+            if idx in wanted:
+                attn_logits[idx], attn_probs[idx] = logits, probs
             x = x + blk.drop_path1(blk.ls1(out))
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         elif idx > last and not torch.is_grad_enabled():

@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write one row per image (path, label, predictions, confidences, group, divergence)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("heads", help="rank a checkpoint's attention heads: the loss when each is switched off")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="defaults to the data the checkpoint was trained on")
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="rank on training images (default): choosing distillation heads on test chooses on test")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N images, evenly spaced")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("experiment", help="run every run of an experiment config and write the results table")
     p.add_argument("config", help="YAML file, e.g. configs/cifar10.yaml")
     p.add_argument("--only", nargs="*", default=None, help="run only these run names")
@@ -163,6 +174,24 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  {GROUP_TITLES[group]}: {count}")
             if args.csv:
                 print(f"per-image rows: {args.csv}")
+    elif args.command == "heads":
+        from tqdm import tqdm
+
+        from .importance import head_importance_checkpoint
+
+        with tqdm(total=None, desc="heads switched off", disable=args.json, leave=False) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = head_importance_checkpoint(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
+                                                batch_size=args.batch_size, device=args.device,
+                                                cache_dir=args.cache_dir, progress=progress)
+        if args.json:
+            print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "split": args.split,
+                              **result.to_dict()}))
+        else:
+            print(result.to_text())
     elif args.command == "experiment":
         from .experiment import experiment_status, run_experiment
 

@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .files import atomic_target
 
 __all__ = ["ImageTensors", "load_split", "split_class_names", "augment_batch", "iterate_batches", "normalize",
+           "evenly_spaced", "check_subset_options",
            "default_cache_dir", "resize_center_crop", "AUGMENT_POLICIES"]
 
 AUGMENT_POLICIES = ("none", "basic", "strong")
@@ -289,6 +290,22 @@ def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | N
     else:
         mean, std = _train_stats(source, img_size, cache, download, progress)
     return ImageTensors(images, labels, tuple(classes), mean, std, source, split)
+
+
+def check_subset_options(batch_size: int, limit: int | None) -> None:
+    """``ConfigError`` unless the batch size and the image limit (None: every image) are positive."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be positive, got {limit}")
+
+
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
+    """Positions kept by ``limit`` of ``n``: evenly spaced over the sorted list, so every class folder is covered."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    step = n / limit
+    return [int(i * step) for i in range(limit)]
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .checkpoint import load_checkpoint
 from .data import load_split, split_class_names
@@ -12,7 +15,7 @@ from .errors import ConfigError
 from .pairs import names_preview
 from .train import evaluate, resolve_device
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["evaluate_checkpoint", "check_data_classes"]
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = "test", batch_size: int = 512,
@@ -24,6 +27,20 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = 
     """
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
+    source = check_data_classes(path, model, meta, data, split, cache_dir)
+    split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
+                            progress=False)
+    # Normalise with the statistics the model was trained with, not the split's.
+    split_data = dataclasses.replace(split_data, mean=tuple(meta.get("mean", split_data.mean)),
+                                     std=tuple(meta.get("std", split_data.std)))
+    metrics = evaluate(model, split_data, batch_size, dev)
+    return {"checkpoint": str(path), "data": source, "split": split, **metrics}
+
+
+def check_data_classes(path: str | Path, model: torch.nn.Module, meta: Mapping[str, Any], data: str | None,
+                       split: str, cache_dir: str | None) -> str:
+    """The data source to read (``data``, else the one the checkpoint records), once its split's class names
+    are the checkpoint's, in order; ``ConfigError`` otherwise (nothing decoded yet)."""
     source = data or meta.get("data")
     if not source:
         raise ConfigError(f"checkpoint {path} records no data source: pass --data")
@@ -38,11 +55,5 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = 
             order = (f" (the same names in another order: class {i} is {model_names[i]!r} in the checkpoint, "
                      f"{data_names[i]!r} in the data)")
         raise ConfigError(f"checkpoint {path} was trained on {recorded} but {source} {split} has "
-                          f"{names_preview(data_names)}{order}: evaluate it on the data it was trained on")
-    split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
-                            progress=False)
-    # Normalise with the statistics the model was trained with, not the split's.
-    split_data = dataclasses.replace(split_data, mean=tuple(meta.get("mean", split_data.mean)),
-                                     std=tuple(meta.get("std", split_data.std)))
-    metrics = evaluate(model, split_data, batch_size, dev)
-    return {"checkpoint": str(path), "data": source, "split": split, **metrics}
+                          f"{names_preview(data_names)}{order}: use it on the data it was trained on")
+    return str(source)

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from .agreement import js_divergence, patches_on_grid
 from .attention import TokenLayout, capture_attention, token_layout
 from .checkpoint import load_checkpoint
-from .data import ImageTensors, load_split, normalize, split_class_names
+from .data import ImageTensors, check_subset_options, evenly_spaced, load_split, normalize, split_class_names
 from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError, IncompatibleModelsError
 from .files import write_text_atomic
@@ -270,21 +270,6 @@ def _check_models(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], stu
     return class_names, token_layout(teacher), token_layout(student)
 
 
-def _check_options(batch_size: int, limit: int | None) -> None:
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be positive, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be positive, got {limit}")
-
-
-def _spread(n: int, limit: int | None) -> list[int]:
-    """Positions kept by ``limit``: evenly spaced over the sorted list, so every class folder is covered."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    step = n / limit
-    return [int(i * step) for i in range(limit)]
-
-
 def _score(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], t_layout: TokenLayout,
            student: torch.nn.Module, student_meta: Mapping[str, Any], s_layout: TokenLayout,
            images: Mapping[int, torch.Tensor], labels: Sequence[int], paths: Sequence[str],
@@ -329,9 +314,9 @@ def scan_split(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
     after each batch.
     """
     class_names, t_layout, s_layout = _check_models(teacher, teacher_meta, student, student_meta)
-    _check_options(batch_size, limit)
+    check_subset_options(batch_size, limit)
     items = list_labelled_images(folder, class_names, labels)
-    items = [items[i] for i in _spread(len(items), limit)]
+    items = [items[i] for i in evenly_spaced(len(items), limit)]
     sizes = sorted({model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)})
     rows: list[ScanRow] = []
     skipped: list[tuple[str, str]] = []
@@ -394,7 +379,7 @@ def scan_data(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student
     ``progress(images done, total)`` is called after each batch of ``batch_size``.
     """
     class_names, t_layout, s_layout = _check_models(teacher, teacher_meta, student, student_meta)
-    _check_options(batch_size, limit)
+    check_subset_options(batch_size, limit)
     if isinstance(data, str):
         _check_data_classes(class_names, split_class_names(data, split, cache_dir), data, split)
         data = load_split(data, split, model_img_size(teacher, teacher_meta), cache_dir, progress=False)
@@ -406,7 +391,7 @@ def scan_data(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student
         if not torch.equal(by_size[size].labels, data.labels):
             raise ConfigError(f"{data.source} {data.split} changed while it was being scanned; run the scan again")
     paths = _split_paths(data)
-    keep = torch.tensor(_spread(len(data), limit), dtype=torch.long)
+    keep = torch.tensor(evenly_spaced(len(data), limit), dtype=torch.long)
     labels = data.labels[keep].tolist()
     rows: list[ScanRow] = []
     total = len(keep)

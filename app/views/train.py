@@ -55,6 +55,7 @@ HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
 OVERRIDES_HELP = """Architecture arguments, comma separated `KEY=VALUE` (the CLI's `--model-override`): e.g.
 `patch_size=8, depth=2`. Values are JSON when they parse (`8`, `0.1`, `true`), else text."""
 MODEL_PICKER_HELP = f"A preset, or type any timm ViT as `{TIMM_PREFIX}NAME` (e.g. `{TIMM_PREFIX}vit_tiny_patch16_224`)."
+RANK_IMAGES = (20, 2000)  # how many training images the head ranking may use (min, max)
 STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
 
@@ -231,6 +232,34 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
     return fields, problems
 
 
+def rank_teacher_heads(teacher: common.CheckpointEntry, source: str) -> None:
+    """On request, the teacher's heads ranked by what switching each off costs on the dataset's training images."""
+    with st.expander("Which teacher heads matter? Rank them on this dataset's training images"):
+        st.caption("Each head of the teacher is switched off in turn and the training images are classified "
+                   "again: the darker the cell, the more the teacher relies on that head (cross-entropy increase; "
+                   "hover for the top-1 points lost). Training images, not test ones, so the heads you choose "
+                   "are not chosen on test. One pass per head: seconds for the small presets, longer for "
+                   "large models.")
+        cols = st.columns([1, 1], vertical_alignment="bottom")
+        limit = int(cols[0].number_input("Images", min_value=RANK_IMAGES[0], max_value=RANK_IMAGES[1], value=500,
+                                         step=100, key="train_rank_limit",
+                                         help="Evenly spaced over the training split (every class covered)."))
+        request = (teacher.path, teacher.mtime, source, limit)
+        if cols[1].button("Rank heads", key="train_rank"):
+            st.session_state["train_rank_request"] = request
+        if st.session_state.get("train_rank_request") != request:
+            return
+        try:
+            result = common.head_importance_cached(*request)
+        except (VitkdError, OSError) as exc:
+            st.error(common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
+            return
+        st.plotly_chart(common.importance_figure(result), key="train_rank_chart", config={"displayModeBar": False})
+        top = ", ".join(f"{b}.{h}" for b, h in result.ranking()[:8])
+        st.caption(f"{result.n} training images, {result.accuracy:.1f}% top-1 with every head on. Most important "
+                   f"first (teacher `block.head`, as the head map writes them): {top}.")
+
+
 def model_picker(label: str, presets: list[str], key: str, help: str) -> str:
     """A preset selectbox that also takes a typed model (``timm:NAME``); a typed choice stays an option."""
     typed = st.session_state.get(key)
@@ -318,6 +347,8 @@ def main() -> None:
                      f"{common.escape_markdown(', '.join(data_classes[:8])) or 'none'}"
                      f"{'...' if len(data_classes) > 8 else ''}.")
             problems.append("pick the teacher's dataset")
+    if fields is not None and fields.get("teacher") and "pick the teacher's dataset" not in problems:
+        rank_teacher_heads(teachers[fields["teacher"]], source)
     args: list[str] | None = None
     if fields is not None:
         run_config = dict(fields, data=source, epochs=int(epochs), batch_size=int(batch_size))

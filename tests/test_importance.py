@@ -1,0 +1,139 @@
+"""Switching heads off: the capture's head mask against timm's own forward with a hook, the ranking against
+a loop written here, the CLI on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitkd.attention import capture_attention
+from vitkd.checkpoint import load_checkpoint
+from vitkd.cli import main
+from vitkd.data import load_split, normalize
+from vitkd.errors import ConfigError, IncompatibleModelsError
+from vitkd.importance import HeadImportance, head_importance, head_importance_checkpoint
+from vitkd.models import build_model
+
+
+def _silenced(model: torch.nn.Module, block: int, head: int) -> torch.utils.hooks.RemovableHandle:
+    """timm's fused forward with one head's slice of the output projection's input zeroed (the reference)."""
+    attn = model.blocks[block].attn
+
+    def zero(_module: torch.nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        x = args[0].clone()
+        x[..., head * attn.head_dim:(head + 1) * attn.head_dim] = 0
+        return (x,)
+
+    return attn.proj.register_forward_pre_hook(zero)
+
+
+def _model(name: str = "cifar-student", **overrides: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, num_classes=5, **overrides).eval()
+
+
+@pytest.mark.parametrize("name, overrides", [("cifar-student", {"depth": 3}),
+                                             ("cifar-student-sl", {"depth": 2}),
+                                             ("cifar-student-deit", {"depth": 2})])
+def test_head_mask_equals_timm_forward_with_that_head_zeroed(name: str, overrides: dict) -> None:
+    model = _model(name, **overrides)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(images)
+        np.testing.assert_allclose(capture_attention(model, images, blocks=(), head_mask={1: torch.ones(4)})
+                                   .class_logits, plain, atol=1e-5)
+        handle = _silenced(model, 1, 2)
+        try:
+            reference = model(images)
+        finally:
+            handle.remove()
+        mask = torch.tensor([1.0, 1.0, 0.0, 1.0])
+        masked = capture_attention(model, images, blocks=(), head_mask={1: mask}).class_logits
+        # A captured block further on sees the same masked input: its logits match an unmasked-capture reference.
+        captured = capture_attention(model, images, blocks=(0,), head_mask={1: mask}).class_logits
+    assert (reference - plain).abs().max() > 1e-3  # the head mattered, so the check below means something
+    np.testing.assert_allclose(masked, reference, atol=1e-5)
+    np.testing.assert_allclose(captured, reference, atol=1e-5)
+
+
+def test_head_mask_shape_and_block_are_checked() -> None:
+    model = _model(depth=2)
+    with pytest.raises(IncompatibleModelsError, match="has 4 heads"):
+        capture_attention(model, torch.randn(1, 3, 32, 32), head_mask={0: torch.ones(3)})
+    with pytest.raises(IncompatibleModelsError, match=r"blocks \[5\] out of range"):
+        capture_attention(model, torch.randn(1, 3, 32, 32), head_mask={5: torch.ones(4)})
+
+
+def test_importance_against_a_loop_over_hooked_forwards() -> None:
+    model = _model(depth=2)
+    torch.manual_seed(1)
+    images, labels = torch.randn(10, 3, 32, 32), torch.randint(0, 5, (10,))
+    seen: list[tuple[int, int]] = []
+    result = head_importance(model, images, labels, batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 9) for i in range(1, 10)]
+
+    def score(logits: torch.Tensor) -> tuple[float, float]:
+        return float((logits.argmax(-1) == labels).double().mean()) * 100, float(F.cross_entropy(logits, labels))
+
+    with torch.no_grad():
+        accuracy, loss = score(model(images))
+        for block in range(2):
+            for head in range(4):
+                handle = _silenced(model, block, head)
+                try:
+                    acc_bh, loss_bh = score(model(images))
+                finally:
+                    handle.remove()
+                assert result.masked_accuracy[block, head] == pytest.approx(acc_bh)
+                assert result.masked_loss[block, head] == pytest.approx(loss_bh, rel=1e-5)
+    assert (result.accuracy, result.n) == (pytest.approx(accuracy), 10)
+    assert result.loss == pytest.approx(loss, rel=1e-5)
+    assert not model.training
+
+
+def test_ranking_and_drops_by_hand() -> None:
+    result = HeadImportance(accuracy=80.0, loss=1.0, masked_accuracy=np.array([[79.0, 80.5], [70.0, 80.0]]),
+                            masked_loss=np.array([[1.2, 0.9], [1.5, 1.2]]), n=100)
+    np.testing.assert_allclose(result.accuracy_drop, [[1.0, -0.5], [10.0, 0.0]])
+    np.testing.assert_allclose(result.loss_increase, [[0.2, -0.1], [0.5, 0.2]])
+    assert result.ranking() == [(1, 0), (0, 0), (1, 1), (0, 1)]  # ties keep block-then-head order
+    assert result.to_dict()["ranking"] == [[1, 0], [0, 0], [1, 1], [0, 1]]
+    assert "1.0 (+0.5000), 0.0 (+0.2000)" in result.to_text()
+
+
+def test_checkpoint_ranking_reads_train_images_and_refuses_other_classes(tiny_pair, image_folder: Path,
+                                                                          tmp_path: Path) -> None:
+    result = head_importance_checkpoint(tiny_pair.student, data=f"imagefolder:{image_folder}", limit=7,
+                                        device="cpu")
+    model, meta = load_checkpoint(tiny_pair.student)
+    split = load_split(f"imagefolder:{image_folder}", "train", 32, progress=False)
+    picks = [0, 22, 45, 68, 91, 114, 137]  # 7 evenly spaced of 160 (every 160/7 = 22.9), by hand
+    direct = head_importance(model, normalize(split.images[picks], meta["mean"], meta["std"]), split.labels[picks])
+    assert result.n == 7
+    np.testing.assert_allclose(result.masked_loss, direct.masked_loss, rtol=1e-6)
+    other = tmp_path / "other"
+    for name in ("train", "test"):
+        (other / name / "cat").mkdir(parents=True)
+        from PIL import Image
+        Image.new("RGB", (32, 32)).save(other / name / "cat" / "0.png")
+    with pytest.raises(ConfigError, match="trained on"):
+        head_importance_checkpoint(tiny_pair.student, data=f"imagefolder:{other}", device="cpu")
+    with pytest.raises(ConfigError, match="limit must be positive"):
+        head_importance_checkpoint(tiny_pair.student, limit=0, device="cpu")
+
+
+def test_cli_json(tiny_pair, image_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["heads", str(tiny_pair.teacher), "--data", f"imagefolder:{image_folder}", "--limit", "5",
+                 "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 5 and report["split"] == "train"
+    drops = np.array(report["accuracy_drop"])
+    assert drops.shape == (2, 8) and len(report["ranking"]) == 16
+    increases = np.array(report["loss_increase"])
+    ranked = [increases[b, h] for b, h in report["ranking"]]
+    assert ranked == sorted(ranked, reverse=True)
