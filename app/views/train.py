@@ -235,11 +235,13 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
 def rank_teacher_heads(teacher: common.CheckpointEntry, source: str) -> None:
     """On request, the teacher's heads ranked by what switching each off costs on the dataset's training images."""
     with st.expander("Which teacher heads matter? Rank them on this dataset's training images"):
+        shape = checkpoint_shape(teacher.meta or {}, teacher.path)
         st.caption("Each head of the teacher is switched off in turn and the training images are classified "
                    "again: the darker the cell, the more the teacher relies on that head (cross-entropy increase; "
                    "hover for the top-1 points lost). Training images, not test ones, so the heads you choose "
-                   "are not chosen on test. One pass per head: seconds for the small presets, longer for "
-                   "large models.")
+                   f"are not chosen on test. {shape.depth * shape.num_heads + 1} passes over the images (one per "
+                   "head and one with all on): seconds for the small presets, long for large models on a CPU; "
+                   "changing any setting on this page stops it between passes.")
         cols = st.columns([1, 1], vertical_alignment="bottom")
         limit = int(cols[0].number_input("Images", min_value=RANK_IMAGES[0], max_value=RANK_IMAGES[1], value=500,
                                          step=100, key="train_rank_limit",
