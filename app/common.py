@@ -640,10 +640,11 @@ HEAD_STAT_LABELS: dict[str, tuple[str, str]] = {
 ROLE_COLORS = {"teacher": "#4c78a8", "student": "#f58518"}
 
 
-def head_stats_figure(stats: Mapping[str, HeadStats], metric: str,
-                      distilled: Mapping[str, set[tuple[int, int]]]) -> go.Figure:
+def head_stats_figure(stats: Mapping[str, HeadStats], metric: str, distilled: Mapping[str, set[tuple[int, int]]],
+                      uniform: Mapping[str, HeadStats]) -> go.Figure:
     """One marker per head, blocks along x (teacher left, student right, one y axis); ``distilled[role]``
-    holds the (block, head) pairs of the head map, drawn as gold-edged diamonds. Hover shows all four numbers."""
+    holds the (block, head) pairs of the head map, drawn as gold-edged diamonds; a dotted line marks what
+    attention spread evenly over the tokens (``uniform[role]``) would score. Hover shows all four numbers."""
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("Teacher", "Student"),
                         horizontal_spacing=0.04)
     title, fmt = HEAD_STAT_LABELS[metric]
@@ -663,6 +664,8 @@ def head_stats_figure(stats: Mapping[str, HeadStats], metric: str,
                 x=[b + (h - (heads - 1) / 2) * 0.5 / heads for b, h in cells],  # heads side by side in a block
                 y=[values[b, h] for b, h in cells], mode="markers", marker=marker, hovertext=hover,
                 hoverinfo="text", name=f"{role}: head in the head map" if in_map else role), row=1, col=col)
+        fig.add_hline(y=float(getattr(uniform[role], metric)), line=dict(dash="dot", color="#888"), row=1, col=col,
+                      annotation_text="uniform attention", annotation_position="bottom right")
         fig.update_xaxes(title_text="block", tickmode="array", tickvals=list(range(depth)), row=1, col=col)
     fig.update_yaxes(title_text=title, row=1, col=1)
     if metric in ("self_share", "prefix_share"):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitkd.attention import capture_attention, token_layout  # noqa: E402
 from vitkd.checkpoint import load_checkpoint  # noqa: E402
 from vitkd.data import evenly_spaced, load_split, normalize  # noqa: E402
-from vitkd.head_stats import head_stats  # noqa: E402
+from vitkd.head_stats import head_stats, uniform_stats  # noqa: E402
 from vitkd.pairs import model_img_size, norm_stats  # noqa: E402
 
 
@@ -51,8 +51,7 @@ def uniform_reference(path: str) -> str:
     """What attention spread evenly over every token would score on the same model (the flat baseline)."""
     model, meta = load_checkpoint(path)
     layout, size = token_layout(model), model_img_size(model, meta)
-    even = np.full((layout.num_tokens, layout.num_tokens), 1 / layout.num_tokens)
-    stats = head_stats(even, layout, (size, size))
+    stats = uniform_stats(layout, (size, size))
     return (f"(uniform attention over all {layout.num_tokens} tokens: {float(stats.distance_px):.1f} px, "
             f"{float(stats.self_share):.1%} to itself, {float(stats.prefix_share):.1%} to CLS, "
             f"{float(stats.entropy_bits):.2f} bits)")

@@ -1,7 +1,7 @@
 """Screenshot of the explorer for the README (``docs/explorer.png``), and the browser driver the tests share.
 
 Usage: ``python scripts/screenshot.py [--image app/examples/cat_0001.jpg] [--out docs/explorer.png]
-[--checkpoint-dir DIR --teacher LABEL --student LABEL]``.
+[--checkpoint-dir DIR --teacher LABEL --student LABEL] [--tab NAME]``.
 It starts ``streamlit run app/streamlit_app.py`` on a free port with the bundled checkpoints
 (``checkpoints/``, the app's default pair), uploads the image in headless Chromium, waits for
 the maps and saves a full-page screenshot. ``tests/test_browser.py`` drives the app with the
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None, metavar="LABEL",
                         help="pick this checkpoint as teacher, as the sidebar lists it (default: the default pair)")
     parser.add_argument("--student", default=None, metavar="LABEL", help="pick this checkpoint as student")
+    parser.add_argument("--tab", default=None, metavar="NAME",
+                        help="open this tab of the analysis (e.g. Agreement) before the screenshot")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--max-height", type=int, default=2400, help="crop the page below this many pixels")
     args = parser.parse_args(argv)
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         titles = prediction_titles(page)
+        if args.tab:
+            page.get_by_role("tab", name=args.tab).click()
+            wait_idle(page)
+            page.wait_for_timeout(1000)  # plotly draws after the script run ends
         # The app scrolls inside its own container, so grow the window to the content instead of full_page.
         height = page.evaluate(
             "() => document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")

@@ -257,6 +257,11 @@ def test_a_pair_with_different_patch_grids(app_env: Path):
                 shown_values[block, head] = y
         assert sorted(shown_values) == [(b, h) for b in range(expected.shape[0]) for h in range(expected.shape[1])]
         np.testing.assert_allclose([shown_values[k] for k in sorted(shown_values)], expected.ravel(), atol=1e-9)
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if c.proto.id.endswith("explore_headstats"))
+    lines = [shape["y0"] for shape in spec["layout"]["shapes"]]  # the uniform-attention line, teacher then student
+    # An 8x8 and a 4x4 grid over the same 32 px give different flat baselines: each line is its own model's.
+    assert lines == pytest.approx([analysis.model(r).uniform_head_stats().distance_px for r in ("teacher", "student")])
+    assert lines[0] != pytest.approx(lines[1])
     at.segmented_control(key="explore_headstat").set_value("self_share").run()
     assert not at.exception and main_errors(at) == []
     shown_self = plotly_array(chart_data(at, "explore_headstats")[0]["y"])

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from vitkd.attention import TokenLayout
-from vitkd.head_stats import attention_entropy, head_stats, mean_attention_distance, prefix_share, self_share
+from vitkd.head_stats import (
+    attention_entropy,
+    head_stats,
+    mean_attention_distance,
+    prefix_share,
+    self_share,
+    uniform_stats,
+)
 
 
 def test_uniform_attention_on_a_2x2_grid_by_hand() -> None:
@@ -19,6 +26,9 @@ def test_uniform_attention_on_a_2x2_grid_by_hand() -> None:
     assert attention_entropy(probs, layout) == pytest.approx(math.log2(5))
     assert self_share(probs, layout) == pytest.approx(0.2)
     assert prefix_share(probs, layout) == pytest.approx(0.2)
+    flat = uniform_stats(layout, (8, 8))  # the same numbers, from the layout alone
+    assert (flat.distance_px, flat.entropy_bits, flat.self_share, flat.prefix_share) == pytest.approx(
+        ((4 + 4 + 4 * math.sqrt(2)) / 4, math.log2(5), 0.2, 0.2))
 
 
 def test_a_head_that_only_looks_right_and_one_that_only_looks_at_cls() -> None:

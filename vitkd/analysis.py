@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .attention import TokenLayout, capture_attention
-from .head_stats import HeadStats, head_stats
+from .head_stats import HeadStats, head_stats, uniform_stats
 from .headmap import HeadMap
 from .images import preprocess
 from .pairs import ModelPair, check_pair, norm_stats, restrict_tokens
@@ -72,9 +72,18 @@ class ModelAnalysis:
     def num_heads(self) -> int:
         return int(self.attn_probs.shape[1])
 
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """The model's input size (H, W)."""
+        return int(self.inputs.shape[-2]), int(self.inputs.shape[-1])
+
     def head_stats(self) -> HeadStats:
         """``[L, H]`` per-head summaries of ``attn_probs`` (``vitkd.head_stats``), distances in input pixels."""
-        return head_stats(self.attn_probs, self.layout, (int(self.inputs.shape[-2]), int(self.inputs.shape[-1])))
+        return head_stats(self.attn_probs, self.layout, self.img_size)
+
+    def uniform_head_stats(self) -> HeadStats:
+        """The same summaries for attention spread evenly over this model's tokens (scalars)."""
+        return uniform_stats(self.layout, self.img_size)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from .attention import TokenLayout
 
 __all__ = ["HeadStats", "patch_distances", "mean_attention_distance", "attention_entropy", "self_share",
-           "prefix_share", "head_stats"]
+           "prefix_share", "head_stats", "uniform_stats"]
 
 
 class HeadStats(NamedTuple):
@@ -82,3 +82,9 @@ def head_stats(probs: np.ndarray, layout: TokenLayout, img_size: tuple[int, int]
     """All four summaries of ``probs`` [..., T, T]."""
     return HeadStats(mean_attention_distance(probs, layout, img_size), attention_entropy(probs, layout),
                      self_share(probs, layout), prefix_share(probs, layout))
+
+
+def uniform_stats(layout: TokenLayout, img_size: tuple[int, int]) -> HeadStats:
+    """What attention spread evenly over every token scores (scalars): the flat baseline a head is read against."""
+    even = np.full((layout.num_tokens, layout.num_tokens), 1.0 / layout.num_tokens)
+    return head_stats(even, layout, img_size)

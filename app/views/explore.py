@@ -433,7 +433,8 @@ def show_head_stats(analysis: ImageAnalysis) -> None:
     """One number per head and block for both models: where a student head looks unlike its teacher's."""
     st.markdown("**How each head looks on this image**: one marker per head, averaged over the query patches. "
                 "Distance: how far from a patch its attention goes, in input pixels (each model at its own input "
-                "size; 0 = only itself). Hover a marker for all four numbers.")
+                "size; 0 = only itself); the dotted line is what attention spread evenly over every token would "
+                "score. Hover a marker for all four numbers.")
     metric = st.segmented_control("Measure", list(common.HEAD_STAT_LABELS), default="distance_px",
                                   format_func=lambda k: common.HEAD_STAT_LABELS[k][0], key="explore_headstat",
                                   required=True)
@@ -441,7 +442,8 @@ def show_head_stats(analysis: ImageAnalysis) -> None:
     distilled = {"teacher": {(p.teacher_block, p.teacher_head) for p in head_map.pairs} if head_map else set(),
                  "student": {(p.student_block, p.student_head) for p in head_map.pairs} if head_map else set()}
     stats = {role: analysis.model(role).head_stats() for role in ("teacher", "student")}
-    st.plotly_chart(common.head_stats_figure(stats, metric, distilled), key="explore_headstats",
+    uniform = {role: analysis.model(role).uniform_head_stats() for role in ("teacher", "student")}
+    st.plotly_chart(common.head_stats_figure(stats, metric, distilled, uniform), key="explore_headstats",
                     config={"displayModeBar": False})
 
 
