@@ -73,12 +73,15 @@ def test_status_says_how_far_each_run_got_and_writes_nothing(tmp_path: Path, ima
     (runs / "teacher").mkdir(parents=True)  # mid-way through epoch 1, last written 3 minutes before `now`
     (runs / "teacher" / "progress.json").write_text(json.dumps(
         {"epoch": 0, "epochs": 1, "batch": 5, "batches": 12, "loss": 2.0, "time": 1000.0}))
+    (runs / "teacher" / "metrics.jsonl").write_text("".join(  # no checkpoint yet, but a pace to go by
+        json.dumps({"epoch": e, "epoch_time_s": t}) + "\n" for e, t in ((1, 999.0), (2, 60.0), (3, 240.0), (4, 120.0))))
     (runs / "baseline").mkdir()
     (runs / "baseline" / "progress.json").write_text("{not json")  # a torn file reads as no progress
     before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     status = experiment_status(config, now=1000.0 + 180)
     assert status.splitlines()[2:] == [
-        "| teacher | - | 0/1 epochs done; epoch 1 was at batch 5/12 3 min ago | - |",
+        # 7/12 of the one epoch left at the median of the last three paces (2 min): 1.17 min, shown rounded.
+        "| teacher | - | 0/1 epochs done; epoch 1 was at batch 5/12 3 min ago; about 1 min left at 2.0 min/epoch | - |",
         "| baseline | baseline | not started | - |",
         "| distilled | kl | not started | - |",
     ]

@@ -120,12 +120,19 @@ def _run_state(summary: dict[str, Any] | None, run_dir: RunDir, epochs: int, now
     done = summary["epoch"] if summary is not None else 0
     progress = run_dir.read_progress()
     batch, batches, stamp = progress.get("batch"), progress.get("batches"), progress.get("time")
+    state = f"{done}/{epochs} epochs done" if done else "not started"
+    left = float(epochs - done)
     if (progress.get("epoch") == done and isinstance(batch, int) and isinstance(batches, int)
             and isinstance(stamp, (int, float)) and 0 < batch < batches):
         minutes = max(0.0, now - stamp) / 60
-        return (f"{done}/{epochs} epochs done; epoch {done + 1} was at batch {batch}/{batches} "
-                f"{minutes:.0f} min ago")
-    return f"{done}/{epochs} epochs done" if done else "not started"
+        state = f"{done}/{epochs} epochs done; epoch {done + 1} was at batch {batch}/{batches} {minutes:.0f} min ago"
+        left -= batch / batches
+    # The recent epochs' pace (the last three, median: one slow epoch under load does not skew it).
+    times = [m["epoch_time_s"] for m in run_dir.read_metrics()[-3:] if isinstance(m.get("epoch_time_s"), (int, float))]
+    if times:
+        pace = statistics.median(times) / 60
+        state += f"; about {left * pace:.0f} min left at {pace:.1f} min/epoch"
+    return state
 
 
 def experiment_status(path: str | Path, now: float | None = None) -> str:
