@@ -93,7 +93,8 @@ def test_importance_against_a_loop_over_hooked_forwards() -> None:
                 assert result.masked_loss[block, head] == pytest.approx(loss_bh, rel=1e-5)
     assert (result.accuracy, result.n) == (pytest.approx(accuracy), 10)
     assert result.loss == pytest.approx(loss, rel=1e-5)
-    assert not model.training
+    with pytest.raises(ValueError, match="eval mode"):
+        head_importance(model.train(), images, labels)
 
 
 def test_ranking_and_drops_by_hand() -> None:

@@ -94,9 +94,12 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
                     progress: Callable[[int, int], None] | None = None) -> HeadImportance:
     """Switch each head of ``model`` off in turn over normalised ``images`` [N, 3, H, W] with ``labels`` [N].
 
-    ``progress(done, total)`` is called after each of the ``blocks x heads + 1`` passes.
+    ``progress(done, total)`` is called after each of the ``blocks x heads + 1`` passes. The model must be in
+    eval mode (dropout would blur the ranking); it is only read, so a shared model may be ranked.
     """
     vit = check_supported(model)
+    if model.training:
+        raise ValueError("rank heads of a model in eval mode (call model.eval()): dropout would blur the ranking")
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"need as many labels as images, at least one: got {images.shape[0]} and {labels.shape[0]}")
     device = next(model.parameters()).device
@@ -105,24 +108,19 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
         raise ValueError(f"blocks have different head counts {heads}")
     depth, num_heads = len(heads), heads[0]
     total = depth * num_heads + 1
-    was_training = model.training
-    model.eval()
-    try:
-        accuracy, loss = _score(model, images, labels, batch_size, None, device)
-        if progress is not None:
-            progress(1, total)
-        masked_acc = np.zeros((depth, num_heads))
-        masked_loss = np.zeros((depth, num_heads))
-        for block in range(depth):
-            for head in range(num_heads):
-                mask = torch.ones(num_heads, device=device)
-                mask[head] = 0.0
-                masked_acc[block, head], masked_loss[block, head] = _score(
-                    model, images, labels, batch_size, {block: mask}, device)
-                if progress is not None:
-                    progress(2 + block * num_heads + head, total)
-    finally:
-        model.train(was_training)
+    accuracy, loss = _score(model, images, labels, batch_size, None, device)
+    if progress is not None:
+        progress(1, total)
+    masked_acc = np.zeros((depth, num_heads))
+    masked_loss = np.zeros((depth, num_heads))
+    for block in range(depth):
+        for head in range(num_heads):
+            mask = torch.ones(num_heads, device=device)
+            mask[head] = 0.0
+            masked_acc[block, head], masked_loss[block, head] = _score(
+                model, images, labels, batch_size, {block: mask}, device)
+            if progress is not None:
+                progress(2 + block * num_heads + head, total)
     return HeadImportance(accuracy, loss, masked_acc, masked_loss, int(images.shape[0]))
 
 
