@@ -647,7 +647,7 @@ def head_stats_figure(stats: Mapping[str, HeadStats], metric: str, distilled: Ma
     attention spread evenly over the tokens (``uniform[role]``) would score. Hover shows all four numbers."""
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("Teacher", "Student"),
                         horizontal_spacing=0.04)
-    title, fmt = HEAD_STAT_LABELS[metric]
+    title = HEAD_STAT_LABELS[metric][0]
     for col, (role, prefix) in enumerate((("teacher", "T"), ("student", "S")), start=1):
         values = getattr(stats[role], metric)
         depth, heads = values.shape

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .attention import capture_attention, check_supported
 from .checkpoint import load_checkpoint
 from .data import ImageTensors, check_subset_options, evenly_spaced, load_split, normalize
+from .errors import ConfigError, IncompatibleModelsError
 from .evaluation import check_data_classes
 from .pairs import model_img_size, norm_stats
 from .train import resolve_device
@@ -101,11 +102,11 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     if model.training:
         raise ValueError("rank heads of a model in eval mode (call model.eval()): dropout would blur the ranking")
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"need as many labels as images, at least one: got {images.shape[0]} and {labels.shape[0]}")
+        raise ConfigError(f"need as many labels as images, at least one: got {images.shape[0]} and {labels.shape[0]}")
     device = next(model.parameters()).device
     heads = [blk.attn.num_heads for blk in vit.blocks]
     if len(set(heads)) != 1:
-        raise ValueError(f"blocks have different head counts {heads}")
+        raise IncompatibleModelsError(f"cannot rank heads of blocks with different head counts {heads}")
     depth, num_heads = len(heads), heads[0]
     total = depth * num_heads + 1
     accuracy, loss = _score(model, images, labels, batch_size, None, device)
