@@ -15,7 +15,7 @@ diagonal at ``-inf``), so each captured map's diagonal has probability exactly 0
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ from .errors import IncompatibleModelsError
 from .sl_layers import LocalitySelfAttention
 
 __all__ = ["AttentionOutputs", "TokenLayout", "capture_attention", "forward_with_attention", "token_layout",
-           "check_supported", "CaptureModule"]
+           "check_supported", "CaptureModule", "head_masked_logits"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def _attention_with_logits(attn: Attention, x: torch.Tensor, head_mask: torch.Te
     """timm ``Attention.forward`` unfused, also returning logits and the probabilities it used.
 
     For ``LocalitySelfAttention`` the logits come from its ``attention_logits`` (scaled by its
-    learned ``logit_scale``, diagonal ``-inf``), as in its own unfused forward. ``head_mask`` [H]
-    multiplies each head's output right before the output projection (0 switches a head off).
+    learned ``logit_scale``, diagonal ``-inf``), as in its own unfused forward. ``head_mask`` [H] (or
+    [B, H], one row per image) multiplies each head's output right before the output projection.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -102,63 +102,89 @@ def _attention_with_logits(attn: Attention, x: torch.Tensor, head_mask: torch.Te
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    if head_mask is not None:
-        out = out * head_mask.to(out.dtype).repeat_interleave(attn.head_dim)
+    if head_mask is not None:  # [H] or one row per image [B, H]
+        scale = head_mask.to(out.dtype).repeat_interleave(attn.head_dim, dim=-1)
+        out = out * (scale[:, None, :] if scale.dim() == 2 else scale)
     out = attn.proj_drop(attn.proj(out))
     return out, logits, probs
+
+
+def _embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block (timm's ``forward_features`` before its blocks)."""
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def _block_with(blk: Block, x: torch.Tensor, head_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Block.forward`` with its attention unfused: (tokens out, attention logits, probabilities)."""
+    out, logits, probs = _attention_with_logits(blk.attn, blk.norm1(x), head_mask)
+    x = x + blk.drop_path1(blk.ls1(out))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), logits, probs
+
+
+def _class_logits(vit: VisionTransformer, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Final norm and head: (class logits, the DeiT (cls, dist) pair in training mode or None)."""
+    class_logits = vit.forward_head(vit.norm(x))
+    if isinstance(class_logits, tuple):  # DeiT distilled training mode returns (cls, dist)
+        return (class_logits[0] + class_logits[1]) / 2, (class_logits[0], class_logits[1])
+    return class_logits, None
 
 
 def capture_attention(
     model: torch.nn.Module,
     images: torch.Tensor,
     blocks: Iterable[int] | None = None,
-    head_mask: Mapping[int, torch.Tensor] | None = None,
 ) -> AttentionOutputs:
-    """Forward ``images`` [B, 3, H, W] through ``model``, capturing the requested blocks (all if None).
-
-    ``head_mask`` ``{block: [H] multipliers}`` scales each head's output of those blocks before the
-    block's output projection (``vitkd.importance`` switches heads off with it); masked blocks run
-    unfused whether captured or not.
-    """
+    """Forward ``images`` [B, 3, H, W] through ``model``, capturing the requested blocks (all if None)."""
     vit = check_supported(model)
     depth = len(vit.blocks)
     wanted = set(range(depth)) if blocks is None else {int(b) for b in blocks}
-    masks = {int(b): m for b, m in (head_mask or {}).items()}
-    bad = sorted(b for b in wanted | set(masks) if not 0 <= b < depth)
+    bad = sorted(b for b in wanted if not 0 <= b < depth)
     if bad:
         raise IncompatibleModelsError(f"blocks {bad} out of range for a {depth}-block {type(vit).__name__}")
-    for b, m in masks.items():
-        if m.shape != (vit.blocks[b].attn.num_heads,):
-            raise IncompatibleModelsError(f"head mask of block {b} has shape {tuple(m.shape)}; the block has "
-                                          f"{vit.blocks[b].attn.num_heads} heads")
-    last = max(wanted | set(masks), default=-1)
+    last = max(wanted, default=-1)
     attn_logits: dict[int, torch.Tensor] = {}
     attn_probs: dict[int, torch.Tensor] = {}
 
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
+    x = _embed(vit, images)
     for idx, blk in enumerate(vit.blocks):
-        if idx in wanted or idx in masks:
-            out, logits, probs = _attention_with_logits(blk.attn, blk.norm1(x), masks.get(idx))
-            if idx in wanted:
-                attn_logits[idx], attn_probs[idx] = logits, probs
-            x = x + blk.drop_path1(blk.ls1(out))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if idx in wanted:
+            x, attn_logits[idx], attn_probs[idx] = _block_with(blk, x)
         elif idx > last and not torch.is_grad_enabled():
             x = vit.blocks[idx:](x)  # the rest in one fused call
             break
         else:
             x = blk(x)
-    x = vit.norm(x)
-    class_logits = vit.forward_head(x)
-    head_logits = None
-    if isinstance(class_logits, tuple):  # DeiT distilled training mode returns (cls, dist)
-        head_logits = (class_logits[0], class_logits[1])
-        class_logits = (class_logits[0] + class_logits[1]) / 2
+    class_logits, head_logits = _class_logits(vit, x)
     return AttentionOutputs(class_logits=class_logits, attn_logits=attn_logits, attn_probs=attn_probs,
                             head_logits=head_logits)
+
+
+@torch.no_grad()
+def head_masked_logits(model: torch.nn.Module, images: torch.Tensor, block: int, masks: torch.Tensor) -> torch.Tensor:
+    """Class logits ``[K, B, C]`` of ``images`` [B, 3, H, W] with each of ``masks`` [K, heads] scaling the
+    heads' outputs of ``block`` before its output projection (0 switches a head off).
+
+    The blocks before ``block`` run once for all K masks; ``block`` and the rest run on the K copies
+    in one batch. ``vitkd.importance`` ranks heads with it.
+    """
+    vit = check_supported(model)
+    if not 0 <= block < len(vit.blocks):
+        raise IncompatibleModelsError(f"block {block} out of range for a {len(vit.blocks)}-block model")
+    heads = vit.blocks[block].attn.num_heads
+    if masks.dim() != 2 or masks.shape[1] != heads:
+        raise IncompatibleModelsError(f"head masks of shape {tuple(masks.shape)} for a block of {heads} heads: "
+                                      f"expected [K, {heads}]")
+    x = vit.blocks[:block](_embed(vit, images))
+    k, b = masks.shape[0], x.shape[0]
+    x = x.repeat(k, 1, 1)  # copy i of the batch: rows i*B .. (i+1)*B - 1
+    x, _, _ = _block_with(vit.blocks[block], x, masks.to(x.dtype).repeat_interleave(b, dim=0))
+    logits, _ = _class_logits(vit, vit.blocks[block + 1:](x))
+    return logits.reshape(k, b, -1)
 
 
 def forward_with_attention(
