@@ -1,7 +1,7 @@
 """Screenshot of the explorer for the README (``docs/explorer.png``), and the browser driver the tests share.
 
 Usage: ``python scripts/screenshot.py [--image app/examples/cat_0001.jpg] [--out docs/explorer.png]
-[--checkpoint-dir DIR --teacher LABEL --student LABEL] [--tab NAME]``.
+[--checkpoint-dir DIR --teacher LABEL --student LABEL] [--student-block N] [--patch-query] [--tab NAME]``.
 It starts ``streamlit run app/streamlit_app.py`` on a free port with the bundled checkpoints
 (``checkpoints/``, the app's default pair), uploads the image in headless Chromium, waits for
 the maps and saves a full-page screenshot. ``tests/test_browser.py`` drives the app with the
@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None, metavar="LABEL",
                         help="pick this checkpoint as teacher, as the sidebar lists it (default: the default pair)")
     parser.add_argument("--student", default=None, metavar="LABEL", help="pick this checkpoint as student")
+    parser.add_argument("--student-block", type=int, default=None, metavar="N",
+                        help="show this student block (default: the one the page pairs with the teacher's)")
+    parser.add_argument("--patch-query", action="store_true",
+                        help="maps of the middle patch's attention instead of the CLS token's")
     parser.add_argument("--tab", default=None, metavar="NAME",
                         help="open this tab of the analysis (e.g. Agreement) before the screenshot")
     parser.add_argument("--width", type=int, default=1400)
@@ -183,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         titles = prediction_titles(page)
+        if args.student_block is not None:
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Student block").get_by_role("combobox").click()
+            page.keyboard.type(str(args.student_block))  # the list filters to the typed block
+            page.keyboard.press("Enter")
+            wait_idle(page)
+        if args.patch_query:
+            page.get_by_text("patch", exact=True).click()
+            wait_idle(page)
         if args.tab:
             page.get_by_role("tab", name=args.tab).click()
             wait_idle(page)
