@@ -20,15 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitkd.attention import capture_attention, token_layout  # noqa: E402
+from vitkd.attention import TokenLayout, capture_attention, token_layout  # noqa: E402
 from vitkd.checkpoint import load_checkpoint  # noqa: E402
 from vitkd.data import evenly_spaced, load_split, normalize  # noqa: E402
 from vitkd.head_stats import head_stats, uniform_stats  # noqa: E402
 from vitkd.pairs import model_img_size, norm_stats  # noqa: E402
 
 
-def block_stats(path: str, data: str, limit: int, batch_size: int) -> dict[str, np.ndarray]:
-    """``{field: [blocks, heads]}`` averaged over ``limit`` evenly spaced images of the test split."""
+def block_stats(path: str, data: str, limit: int, batch_size: int) -> tuple[dict[str, np.ndarray], str]:
+    """``{field: [blocks, heads]}`` averaged over ``limit`` evenly spaced images of the test split, and the
+    model's uniform-attention reference line."""
     model, meta = load_checkpoint(path)
     size = model_img_size(model, meta)
     split = load_split(data, "test", size, progress=False)
@@ -44,13 +45,11 @@ def block_stats(path: str, data: str, limit: int, batch_size: int) -> dict[str, 
             stats = head_stats(probs, layout, (size, size))  # each field [B, L, H]
             for name, value in stats._asdict().items():
                 sums[name] = sums.get(name, 0) + value.sum(0)
-    return {name: total / len(picks) for name, total in sums.items()}
+    return {name: total / len(picks) for name, total in sums.items()}, uniform_reference(layout, size)
 
 
-def uniform_reference(path: str) -> str:
+def uniform_reference(layout: TokenLayout, size: int) -> str:
     """What attention spread evenly over every token would score on the same model (the flat baseline)."""
-    model, meta = load_checkpoint(path)
-    layout, size = token_layout(model), model_img_size(model, meta)
     stats = uniform_stats(layout, (size, size))
     return (f"(uniform attention over all {layout.num_tokens} tokens: {float(stats.distance_px):.1f} px, "
             f"{float(stats.self_share):.1%} to itself, {float(stats.prefix_share):.1%} to CLS, "
@@ -78,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for path in args.checkpoints:
-        print(table(path, block_stats(path, args.data, args.limit, args.batch_size), uniform_reference(path)) + "\n")
+        print(table(path, *block_stats(path, args.data, args.limit, args.batch_size)) + "\n")
 
 
 if __name__ == "__main__":
