@@ -349,6 +349,11 @@ def analyze_cached(pair_key: str, key: str, true_label: int | None, _pair: Model
     return analyze_pair(_pair, _image, true_label=true_label)
 
 
+# Images per head-ranking batch: each pass holds a copy of the batch per head of the block, so memory grows
+# with batch x heads (small here, so a large teacher's ranking stays within a desktop's memory).
+RANK_BATCH_SIZE = 32
+
+
 @st.cache_data(max_entries=8, show_spinner=False)
 def head_importance_cached(path: str, mtime: float, source: str, limit: int) -> HeadImportance:
     """``head_importance_checkpoint`` on ``limit`` training images of ``source`` (a configured one), once per
@@ -358,8 +363,8 @@ def head_importance_cached(path: str, mtime: float, source: str, limit: int) -> 
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"Switched off {done - 1} of {total - 1} heads")
 
-    result = head_importance_checkpoint(path, data=source, split="train", limit=limit, device=_device(),
-                                        progress=progress)
+    result = head_importance_checkpoint(path, data=source, split="train", limit=limit, batch_size=RANK_BATCH_SIZE,
+                                        device=_device(), progress=progress)
     bar.empty()
     return result
 

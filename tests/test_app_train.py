@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from test_app_explore import plotly_array
 from test_app_pages import APP, _app, env  # noqa: F401 - env is a fixture used by name
 
+from app import common
 from vitkd.errors import CheckpointError
 from vitkd.importance import head_importance_checkpoint
 from vitkd.jobs import active_job, cancel_job, job_status, list_jobs, start_job
@@ -173,8 +174,6 @@ def test_train_page_takes_a_typed_timm_model(env: dict[str, Path]) -> None:  # n
 @pytest.mark.parametrize("online", [True, False])
 def test_train_page_offers_timms_pretrained_weights_only_with_a_network(
         env: dict[str, Path], online: bool, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - the fixture
-    from app import common
-
     hosts = []
     monkeypatch.setattr(common, "network_available", lambda host="cs.toronto.edu", **_: hosts.append(host) or online)
     at = _app_with(env, train_mode="train", train_model="timm:vit_tiny_patch16_224",
@@ -204,7 +203,7 @@ def test_train_page_ranks_the_teachers_heads_on_training_images(env: dict[str, P
     chart = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("train_rank_chart"))
     shown = plotly_array(json.loads(chart.proto.spec)["data"][0]["z"]).reshape(2, 8)
     expected = head_importance_checkpoint(env["teacher"], data=f"imagefolder:{env['data']}", split="train",
-                                          limit=40, device="cpu")
+                                          limit=40, batch_size=common.RANK_BATCH_SIZE, device="cpu")
     np.testing.assert_allclose(shown, expected.loss_increase, rtol=1e-6, atol=1e-9)
     top = ", ".join(f"{b}.{h}" for b, h in expected.ranking()[:8])
     assert any("40 training images" in c.value and top in c.value for c in at.caption)
