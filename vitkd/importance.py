@@ -12,7 +12,7 @@ block run once for all its heads).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,12 @@ def _tally(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
-                    progress: Callable[[int, int], None] | None = None) -> HeadImportance:
+                    progress: Callable[[int, int], None] | None = None,
+                    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> HeadImportance:
     """Switch each head of ``model`` off in turn over normalised ``images`` [N, 3, H, W] with ``labels`` [N].
 
+    With ``mean_std``, ``images`` are uint8 and each batch is normalised as it is used, so only one batch is
+    ever held in float (a quarter of the memory of normalising all of them first).
     Per batch: one plain forward, then per block one pass over the block's heads (``head_masked_logits``:
     the blocks before it run once). ``progress(done, total)`` counts those passes. The model must be in eval
     mode (dropout would blur the ranking); it is only read, so a shared model may be ranked.
@@ -113,6 +116,8 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     total, done = len(batches) * (depth + 1), 0
     for start in batches:
         batch = images[start:start + batch_size].to(device)
+        if mean_std is not None:
+            batch = normalize(batch, *mean_std)
         target = labels[start:start + batch_size].to(device)
         c, s = _tally(capture_attention(model, batch, blocks=()).class_logits, target)
         correct, loss = correct + c.cpu(), loss + s.cpu()
@@ -130,10 +135,9 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
                           (masked_loss / n).numpy(), n)
 
 
-def _split_images(split: ImageTensors, meta: Mapping[str, Any], limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_images(split: ImageTensors, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     picks = torch.tensor(evenly_spaced(len(split), limit), dtype=torch.long)
-    mean, std = norm_stats(meta)  # the statistics the model was trained with, not the split's
-    return normalize(split.images[picks], mean, std), split.labels[picks]
+    return split.images[picks], split.labels[picks]
 
 
 def head_importance_checkpoint(path: str | Path, data: str | None = None, split: str = "train",
@@ -149,5 +153,6 @@ def head_importance_checkpoint(path: str | Path, data: str | None = None, split:
     model, meta = load_checkpoint(path, device=dev)
     source = check_data_classes(path, model, meta, data, split, cache_dir)
     loaded = load_split(source, split, model_img_size(model, meta), cache_dir, progress=False)
-    images, labels = _split_images(loaded, meta, limit)
-    return head_importance(model, images, labels, batch_size, progress)
+    images, labels = _split_images(loaded, limit)
+    # normalised per batch with the statistics the model was trained with, not the split's
+    return head_importance(model, images, labels, batch_size, progress, mean_std=norm_stats(meta))
