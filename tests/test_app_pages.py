@@ -257,6 +257,36 @@ def test_train_page_distils_a_deit_student_with_deit_hard(env: dict[str, Path]) 
     assert "cifar-student-deit" not in at.selectbox(key="train_model").options  # needs a teacher
 
 
+def test_train_page_sets_weighting_and_logit_kd_and_kd_alone(env: dict[str, Path]) -> None:
+    at = _app(env, "views/train.py")
+    at.radio(key="train_mode").set_value("distill").run()
+    at.selectbox(key="train_teacher").set_value(str(env["teacher"])).run()
+    at.text_input(key="train_head_map").input("block:1->3[0,2,4,6]").run()
+    assert at.number_input(key="train_kd_temperature").disabled  # no KD term yet
+    at.selectbox(key="train_weighting").set_value("student-confidence").run()
+    at.number_input(key="train_kd_weight").set_value(0.5).run()
+    at.number_input(key="train_kd_temperature").set_value(2.0).run()
+    assert not at.exception and not at.error
+    command = at.code[0].value
+    for flag in ("--map block:1->3[0,2,4,6]", "--weighting student-confidence", "--kd-weight 0.5",
+                 "--kd-temperature 2.0", "--alpha 0.5"):
+        assert f" {flag} " in command, (flag, command)
+
+    at.slider(key="train_alpha").set_value(1.0).run()  # logit distillation alone: no head map, no weighting
+    assert not at.exception and not at.error
+    command = at.code[0].value
+    assert " --alpha 1.0 " in command and " --kd-weight 0.5 " in command
+    assert "--map" not in command and " --weighting none " in command
+    assert not at.button(key="train_start").disabled
+    at.text_input(key="train_head_map").input("nonsense").run()  # unused at alpha 1: does not block
+    assert not at.button(key="train_start").disabled
+
+    at.number_input(key="train_kd_weight").set_value(0.0).run()  # alpha 1 and no KD: the teacher teaches nothing
+    assert "Set a logit KD weight" in _texts(at)
+    assert "the teacher teaches nothing" in "\n".join(e.value for e in at.error)
+    assert at.button(key="train_start").disabled
+
+
 # --------------------------------------------------------------------------------------------- recipes
 
 RECIPES = [

@@ -16,7 +16,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import common
-from vitkd.distill import GATES, LOSS_KINDS
+from vitkd.distill import GATES, LOSS_KINDS, WEIGHTINGS
 from vitkd.errors import VitkdError
 from vitkd.headmap import parse_head_map
 from vitkd.jobs import (
@@ -55,6 +55,11 @@ HEAD_MAP_HELP = """Which teacher heads teach which student heads (0-based):
 OVERRIDES_HELP = """Architecture arguments, comma separated `KEY=VALUE` (the CLI's `--model-override`): e.g.
 `patch_size=8, depth=2`. Values are JSON when they parse (`8`, `0.1`, `true`), else text."""
 MODEL_PICKER_HELP = f"A preset, or type any timm ViT as `{TIMM_PREFIX}NAME` (e.g. `{TIMM_PREFIX}vit_tiny_patch16_224`)."
+WEIGHTING_HELP = """How much each image's attention loss counts, from the student's own prediction (detached):
+`student-confidence` weighs image i by p_student(true class), `student-doubt` by 1 - p_student(true class).
+The attention term stays a weighted mean, so alpha keeps its meaning; a gate multiplies the weighting."""
+KD_HELP = """Hinton logit distillation from the same teacher: adds `weight x T^2 x KL(teacher || student)` on the
+class logits softened at temperature T (0: off). With alpha 1 it is logit distillation alone, no attention term."""
 RANK_IMAGES = (20, 2000)  # how many training images the head ranking may use (min, max)
 STATE_ICONS = {"running": ":material/autorenew:", "finished": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
@@ -225,10 +230,24 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
                            help="loss = alpha * CE + (1 - alpha) * attention loss")
     gate = cols[2].selectbox("Gate", list(GATES), key="train_gate",
                              help="teacher-correct: distil attention only on images the teacher classifies right")
+    cols = st.columns(3)
+    weighting = cols[0].selectbox("Weighting", list(WEIGHTINGS), key="train_weighting", help=WEIGHTING_HELP)
+    kd_weight = cols[1].number_input("Logit KD weight", 0.0, 100.0, 0.0, 0.25, key="train_kd_weight", disabled=deit,
+                                     help=KD_HELP if not deit else "A DeiT student learns the teacher's decisions "
+                                     "through its distillation token (`--kd deit-hard`), not through logit KD.")
+    kd_temperature = cols[2].number_input("KD temperature", 0.5, 20.0, 4.0, 0.5, key="train_kd_temperature",
+                                          disabled=deit or kd_weight == 0, help="T of the logit KD term.")
     fields = {"model": student, "teacher": teacher_path, "head_map": head_map, "loss": loss, "alpha": float(alpha),
-              "gate": gate, "img_size": t_shape.img_size, **model_extra}
+              "gate": gate, "weighting": weighting, "img_size": t_shape.img_size, **model_extra}
+    if alpha == 1.0:  # no attention term: the head map, loss, gate and weighting do nothing
+        fields.update(head_map=None, gate="none", weighting="none")
+        problems = [p for p in problems if p != "fix the head map"]
+        st.caption("Alpha 1 gives the attention term no weight: the head map, loss, gate and weighting are not used."
+                   + ("" if kd_weight > 0 or deit else " Set a logit KD weight, or the teacher teaches nothing."))
     if deit:
         fields["kd"] = "deit-hard"
+    elif kd_weight > 0:
+        fields.update(kd_weight=float(kd_weight), kd_temperature=float(kd_temperature))
     return fields, problems
 
 
