@@ -229,7 +229,8 @@ def distill_fields(teachers: dict[str, common.CheckpointEntry]) -> tuple[dict[st
     alpha = cols[1].slider("Alpha (weight of label CE)", 0.0, 1.0, 0.5, 0.05, key="train_alpha",
                            help="loss = alpha * CE + (1 - alpha) * attention loss")
     gate = cols[2].selectbox("Gate", list(GATES), key="train_gate",
-                             help="teacher-correct: distil attention only on images the teacher classifies right")
+                             help="teacher-correct (student-correct): distil attention only on images the teacher "
+                                  "(the student, in this forward) classifies right")
     cols = st.columns(3)
     weighting = cols[0].selectbox("Weighting", list(WEIGHTINGS), key="train_weighting", help=WEIGHTING_HELP)
     kd_weight = cols[1].number_input("Logit KD weight", 0.0, 100.0, 0.0, 0.25, key="train_kd_weight", disabled=deit,
