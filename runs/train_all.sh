@@ -13,9 +13,9 @@ $P -m vitkd experiment $C --threads "$T" --only teacher student-baseline student
 $P -m vitkd experiment $C --threads 1 --only student-b2b-kl student-b2b-mse student-h2h-kl-gated \
     student-kd student-kd-seed1 student-h2h-kl-student-correct student-deit > runs/lane1.log 2>&1 &
 $P -m vitkd experiment $C --threads 1 --only student-e2e-mse student-h2h-kl student-h2h-kl-seed1 \
-    student-h2h-kl-kd student-h2h-kl-kd-seed1 student-h2h-kl-confidence student-deit-h2h-kl > runs/lane2.log 2>&1 &
+    student-h2h-kl-kd student-h2h-kl-kd-seed1 student-h2h-kl-confidence student-deit-h2h-kl student-h2h-kl-doubt > runs/lane2.log 2>&1 &
 wait
-$P -m vitkd experiment $C --threads "$T"  # every run finished: writes results and the bundle
+$P -m vitkd experiment $C --threads "$T"  # the rest (student-h2h-kl-ranked); writes results and the bundle
 # Issue 14: across patch grids (needs the CIFAR-10 teacher above).
 $P -m vitkd experiment configs/cifar10_grid.yaml --threads "$T"
 # Issue 13: SL-ViT teacher, then its baseline and distilled students in two lanes. The second seeds
