@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -46,6 +47,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 SAMPLES_DIR = REPO_ROOT / "samples"
 SAMPLE_ROOTS = ("cifar10", "imagenette")
 DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "app"
+_log = logging.getLogger(__name__)
 # Addresses that only this machine can reach: a server bound to one of them may train from the browser.
 LOCAL_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -172,6 +174,9 @@ def _read_meta(path: str, mtime: float, size: int) -> tuple[dict[str, Any] | Non
         return read_checkpoint_meta(path), None
     except VitkdError as exc:
         return None, str(exc)
+    except Exception as exc:  # a bug or a header no check foresaw: one file must not break every page
+        _log.exception("reading the metadata of %s failed", path)
+        return None, f"{path}: cannot read its metadata ({type(exc).__name__}: {exc})"
 
 
 def _candidates(config: ServerConfig) -> list[tuple[Path, Path]]:

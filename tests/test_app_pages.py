@@ -100,6 +100,19 @@ def test_misclassified_scan_groups_cache_and_open(env: dict[str, Path], monkeypa
 
     assert not any(str(env["data"]) in (b.key or "") for b in at.button)  # widget keys reach the browser
     explore = next(b for b in at.button if b.key and b.key.startswith("misc_open_"))
+    real_read_bytes = Path.read_bytes
+
+    def gone(self):
+        if self.is_relative_to(env["data"]):
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", gone)  # the file vanished from the server after the scan
+    explore.click().run()
+    assert not at.exception and "explore_sent" not in at.session_state
+    assert any("can no longer be read on the server" in e.value for e in at.error)
+    monkeypatch.setattr(Path, "read_bytes", real_read_bytes)
+    explore = next(b for b in at.button if b.key and b.key.startswith("misc_open_"))
     explore.click().run()
     assert not at.exception
     sent = at.session_state["explore_sent"]

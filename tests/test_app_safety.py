@@ -366,3 +366,46 @@ def test_checkpoint_shape_refuses_hostile_metadata_quickly(tmp_path: Path) -> No
     for where in (None, path):
         with pytest.raises(CheckpointError, match="not architecture arguments"):
             checkpoint_shape(loader, where)
+
+
+@pytest.mark.slow
+def test_forged_metadata_is_skipped_on_every_page(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 tiny_pair) -> None:
+    """Ill-typed or absurdly nested metadata (and any failure no check foresaw) skips that file, with a line
+    saying why, instead of a traceback on every page."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = _checkpoint_env(monkeypatch, tmp_path, tiny_pair)
+    shutil.copy(tiny_pair.teacher, folder / "pair-teacher.safetensors")
+    shutil.copy(tiny_pair.student, folder / "pair-student.safetensors")
+    with safe_open(str(tiny_pair.student), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    meta = read_checkpoint_meta(tiny_pair.student)
+    save_file(tensors, str(folder / "typed-student.safetensors"),
+              metadata={"vitkd": json.dumps(dict(meta, class_names=5, head_map=5, img_size=100_000))})
+    save_file(tensors, str(folder / "nested-student.safetensors"), metadata={"vitkd": "[" * 50_000 + "]" * 50_000})
+    (folder / "unforeseen.safetensors").write_bytes(b"x")
+    real_read = common.read_checkpoint_meta
+
+    def read(path):
+        if path.endswith("unforeseen.safetensors"):
+            raise RuntimeError("a failure no check foresaw")
+        return real_read(path)
+
+    monkeypatch.setattr(common, "read_checkpoint_meta", read)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception
+    texts = "\n".join(_markdown_texts(at.sidebar))
+    for stem in ("typed-student", "nested-student", "unforeseen"):
+        assert f"Skipped **checkpoints/{common.escape_markdown(stem)}**" in texts, texts
+    at.switch_page("views/models.py").run()
+    assert not at.exception
+    problems = {row["checkpoint"]: row["problem"] for row in at.dataframe[0].value.to_dict("records")}
+    assert "not a size in pixels" in problems["checkpoints/typed-student"]
+    assert "not valid JSON" in problems["checkpoints/nested-student"]
+    assert "RuntimeError: a failure no check foresaw" in problems["checkpoints/unforeseen"]
+    assert not isinstance(problems["checkpoints/pair-student"], str)  # no problem (None, shown as NaN)

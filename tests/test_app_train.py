@@ -123,6 +123,9 @@ def test_train_page_refuses_bad_overrides(env: dict[str, Path]) -> None:  # noqa
     at.text_input(key="train_overrides").input("num_heads=5").run()  # parses, but the model cannot be built
     assert any("num_heads" in e.value and "cannot build preset 'cifar-student'" in e.value for e in at.error)
     assert at.button(key="train_start").disabled
+    at.text_input(key="train_overrides").input("depth=100000000").run()  # would build 10^8 blocks to check it
+    assert any("depth=100000000 is out of range" in e.value and "0 to 64" in e.value for e in at.error)
+    assert at.button(key="train_start").disabled
 
 
 def _app_with(env: dict[str, Path], **state: str) -> AppTest:  # noqa: F811 - env is the fixture's value

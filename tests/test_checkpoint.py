@@ -299,3 +299,68 @@ def test_every_kind_of_model_passes_the_header_check(name: str, overrides: dict,
     images = torch.randn(2, 3, *model.patch_embed.img_size)
     with torch.no_grad():
         assert torch.equal(model(images), loaded(images))
+
+
+def _resave(saved, path: Path, **changes) -> Path:
+    """The saved checkpoint's weights with its metadata changed (``None`` deletes a field)."""
+    _, good = saved
+    meta = read_checkpoint_meta(good)
+    for key, value in changes.items():
+        meta[key] = value
+    loaded, _ = load_checkpoint(good)
+    save_file({k: v.contiguous() for k, v in loaded.state_dict().items()}, str(path),
+              metadata={"vitkd": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("img_size", 100_000, r"'img_size' is 100000, not a size in pixels \(1-4096\)"),
+    ("img_size", "32", "'img_size' is '32', not a size"),
+    ("img_size", True, "'img_size' is True"),
+    ("class_names", 5, "'class_names' is 5, not a non-empty list"),
+    ("class_names", ["a", 2, "c"], "'class_names'.*not a non-empty list of names"),
+    ("class_names", [], "'class_names' is \\[\\]"),
+    ("mean", [0.5, 0.5], "'mean'.*3 finite numbers"),
+    ("std", [0.2, 0.0, 0.2], "'std'.*3 positive numbers"),
+    ("std", [0.2, "x", 0.2], "'std'.*3 finite numbers"),
+    ("head_map", 5, "head_map is 5, not a head map"),
+    ("head_map", [[1, 0, 0]], "head_map is not a head map"),
+    ("teacher", "x", "'teacher' is 'x', not a mapping"),
+    ("metrics", {"accuracy": "high"}, "accuracy 'high', not a number"),
+    ("train_config", {"alpha": "half"}, "train_config.alpha is 'half', not a number"),
+    ("train_config", {"loss": 3}, "train_config.loss is 3, not a string"),
+    ("parameters", "many", "'parameters' is 'many', not a count"),
+    ("epoch", -1, "'epoch' is -1, not a count"),
+    ("data", ["x"], "'data' is \\['x'\\], not a string"),
+])
+def test_ill_typed_recorded_fields_are_refused_at_the_header(saved, tmp_path: Path, field: str, value,
+                                                              match: str) -> None:
+    path = _resave(saved, tmp_path / "forged.safetensors", **{field: value})
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint_meta(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_absent_optional_fields_still_load(saved, tmp_path: Path) -> None:
+    path = _resave(saved, tmp_path / "sparse.safetensors", class_names=None, mean=None, std=None, img_size=None,
+                   head_map=None, metrics=None, epoch=None)
+    model, meta = load_checkpoint(path)
+    assert meta["class_names"] is None and model.num_classes == 3
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("class_names", ["a", "b"], "names 2 classes but the model predicts 3"),
+    ("img_size", 64, "input size 64 px but the model takes 32 px"),
+])
+def test_recorded_fields_must_describe_the_model(saved, tmp_path: Path, field: str, value, match: str) -> None:
+    path = _resave(saved, tmp_path / "other.safetensors", **{field: value})
+    read_checkpoint_meta(path)  # well typed: only the model can tell
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_deeply_nested_metadata_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "nested.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"vitkd": "[" * 100_000 + "]" * 100_000})
+    _assert_names_file(path, "not valid JSON")

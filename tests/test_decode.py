@@ -150,3 +150,43 @@ def test_same_prediction_on_every_path(kinds, tmp_path: Path) -> None:
         assert row.teacher_pred == int(from_data[i].argmax()) == int(upload.argmax()), row.path
         assert row.teacher_conf == pytest.approx(float(from_data[i].max()), abs=1e-5)
         torch.testing.assert_close(upload, from_data[i], atol=1e-5, rtol=0)
+
+
+def _full_resize_then_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Reference: resize the whole image (short side to ``size``, bicubic), then cut the centre square."""
+    w, h = image.size
+    nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    resized = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    return np.asarray(resized.crop((left, top, left + size, top + size))).astype(int)
+
+
+def test_ordinary_images_keep_the_full_resize_pixels() -> None:
+    rng = np.random.default_rng(0)
+    for w, h in [(64, 48), (33, 200), (500, 40), (37, 37), (16, 113), (20, 60)]:  # down- and upscaled
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        got = np.asarray(vitkd.decode.resize_center_crop(image, SIZE)).astype(int)
+        np.testing.assert_array_equal(got, _full_resize_then_crop(image, SIZE))
+
+
+def test_elongated_strip_is_resampled_over_its_crop_only(monkeypatch) -> None:
+    """A 4,000 x 8 strip must not be upscaled whole to 16,000 x 32 first; its crop still matches the full resize."""
+    x = np.linspace(0.0, 40.0 * np.pi, 4000)
+    smooth = (127.5 + 100 * np.sin(x)[None, :, None] * np.linspace(0.5, 1.0, 8)[:, None, None]).repeat(3, axis=2)
+    strip = Image.fromarray(smooth.round().astype(np.uint8))
+    reference = _full_resize_then_crop(strip, SIZE)
+    sizes: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    got = np.asarray(vitkd.decode.resize_center_crop(strip, SIZE)).astype(int)
+    assert got.shape == (SIZE, SIZE, 3)
+    assert sizes and max(w * h for w, h in sizes) <= 16 * SIZE * SIZE, sizes
+    assert np.abs(got - reference).max() <= 2  # the same window at the same scale; PIL rounds in between passes
+    tall = strip.transpose(Image.Transpose.ROTATE_90)
+    got_tall = np.asarray(vitkd.decode.resize_center_crop(tall, SIZE)).astype(int)
+    assert np.abs(got_tall - _full_resize_then_crop(tall, SIZE)).max() <= 2

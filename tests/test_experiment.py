@@ -100,6 +100,11 @@ def test_experiment_rejects_unknown_teacher_and_keys(tmp_path: Path, image_folde
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="learning_rate"):
         load_experiment(path)
+    del spec["runs"][1]["learning_rate"]
+    spec["runs"].append(dict(spec["runs"][1]))  # a second run writing into the first one's folder
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=f"run name '{spec['runs'][1]['name']}' appears twice"):
+        load_experiment(path)
 
 
 def test_group_means_in_table() -> None:

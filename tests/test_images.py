@@ -75,6 +75,21 @@ def test_tiny_images_rejected(size):
     assert load_image(encode(Image.new("RGB", (8, 8), (1, 2, 3)))).size == (8, 8)
 
 
+def test_thin_strip_rejected_from_header_without_decoding(monkeypatch):
+    """A 6,000,000 x 8 strip is 48 MP (under the limit) and cannot be decoded small: refused by its shape."""
+    strip, edge = blank_bilevel_png(129, 8), blank_bilevel_png(8, 128)  # 16.1:1 and exactly 16:1
+    assert load_image(edge).size == (8, 128)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("load_image decoded a file it should have rejected from its header")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError, match=r"129x8 pixels, more than 16 times longer"):
+        load_image(strip)
+    with pytest.raises(ImageError, match=r"6000000x8 pixels, more than 16 times longer"):
+        load_image(blank_bilevel_png(6_000_000, 8))
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_huge_image_rejected_from_header_without_decoding(tmp_path: Path, monkeypatch):
     path = tmp_path / "huge.png"

@@ -255,3 +255,26 @@ def test_resume_follows_head_pairs_not_the_map_spelling(tmp_path: Path, image_fo
         train(config("block:1->1"), resume=True, progress=False)  # 8 -> 4 heads: grouped {0,1}, {2,3}, ...
     train(config("head:1.0->1.0;1.1->1.1;1.2->1.2;1.3->1.3"), resume=True, progress=False)
     assert RunDir(tmp_path / "run").committed_epoch() == 2
+
+
+def test_a_crash_while_clearing_an_abandoned_run_never_leaves_it_resumable(tmp_path: Path, monkeypatch) -> None:
+    """``clear_outputs`` (a fresh start) interrupted after its first deletion: the folder must not resume."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    save_training_state({"epoch": 3, "model": {"w": torch.zeros(2)}}, run.state)
+    for path in (run.last, run.best, run.metrics, run.progress):
+        path.write_text("from the abandoned attempt")
+    real_unlink = Path.unlink
+    deleted: list[Path] = []
+
+    def unlink_then_crash(self, *args, **kwargs):
+        if deleted:
+            raise KeyboardInterrupt("the process dies here")
+        deleted.append(self)
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.clear_outputs()
+    monkeypatch.undo()
+    assert run.committed_epoch() == 0 and run.load_state() is None

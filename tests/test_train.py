@@ -7,10 +7,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from conftest import TinyPair
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vitkd.train
@@ -95,6 +97,29 @@ def test_resume_with_changed_config_raises(tmp_path: Path, image_folder: Path, v
     changed = _config(tmp_path / "run", image_folder, vitkd_cache_dir, model_overrides={"depth": 1}, lr=5e-3)
     with pytest.raises(ConfigError, match=r"different config.*\['lr'\]"):
         train(changed, resume=True, progress=False)
+
+
+def test_resume_refuses_training_data_that_changed(tmp_path: Path, image_folder: Path,
+                                                    vitkd_cache_dir: Path) -> None:
+    """Files added to (or replaced in) the folder between sessions would shift the schedule and the batch order."""
+    import shutil
+
+    folder = shutil.copytree(image_folder, tmp_path / "images")
+    config = _config(tmp_path / "run", folder, vitkd_cache_dir, model_overrides={"depth": 1}, epochs=3)
+    train(config, stop_after_epochs=1, progress=False)
+    extra = sorted((folder / "train").rglob("*.png"))[0]
+    shutil.copy(extra, extra.with_name("added.png"))
+    with pytest.raises(ConfigError, match=r"training data .* changed since epoch 1 \(160 images then, 161 now\)"):
+        train(config, resume=True, progress=False)
+    extra.with_name("added.png").unlink()
+    pixels = np.asarray(Image.open(extra)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(extra)  # one pixel of one image
+    with pytest.raises(ConfigError, match=r"changed since epoch 1 \(same image count, other pixels"):
+        train(config, resume=True, progress=False)
+    shutil.copy(image_folder / "train" / extra.relative_to(folder / "train"), extra)  # restored: resumes
+    train(config, resume=True, stop_after_epochs=1, progress=False)  # one more epoch
+    assert read_checkpoint_meta(tmp_path / "run" / "last.safetensors")["epoch"] == 2
 
 
 def test_tiny_pair_fixture(tiny_pair: TinyPair) -> None:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_target
+from .headmap import HeadMap
 from .models import _JSON_SCALARS, ARCHITECTURE_KEYS, PRESETS, ModelConfig, _names, build_model, model_config
 
 __all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
@@ -36,6 +37,7 @@ __all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_check
            "read_training_state_epoch"]
 
 FORMAT_VERSION = 1
+MAX_RECORDED_IMG_SIZE = 4096  # far above any ViT's input; a larger recorded size only costs memory downstream
 _META_KEY = "vitkd"
 _TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # a registry name with an optional tag, no source prefix
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
@@ -71,14 +73,78 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: a safetensors file without vitkd metadata (not a vitkd checkpoint)")
     try:
         meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: vitkd metadata is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:  # deep nesting exhausts the parser's stack
+        raise CheckpointError(f"{path}: vitkd metadata is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: vitkd metadata has no model config")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this vitkd reads {FORMAT_VERSION}")
+    _check_recorded_fields(meta, path)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_recorded_fields(meta: Mapping[str, Any], path: Path) -> None:
+    """The fields the app, ``eval`` and training read beside the model config, checked for type and range.
+
+    Every reader can then use them as they are: a hostile header fails here, as one
+    ``CheckpointError`` line, instead of as a ``TypeError`` (or a 100,000-pixel resize) far away.
+    Absent (or null) fields stay allowed: older checkpoints and timm exports lack some.
+    """
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata field {key!r} is {meta[key]!r:.80}, not {expected}")
+
+    def present(key: str) -> bool:
+        return meta.get(key) is not None
+
+    if present("img_size") and not (_is_int(meta["img_size"]) and 1 <= meta["img_size"] <= MAX_RECORDED_IMG_SIZE):
+        raise bad("img_size", f"a size in pixels (1-{MAX_RECORDED_IMG_SIZE})")
+    if present("class_names") and not (isinstance(meta["class_names"], list) and meta["class_names"]
+                                       and all(isinstance(n, str) for n in meta["class_names"])):
+        raise bad("class_names", "a non-empty list of names")
+    for key in ("mean", "std"):
+        if present(key) and not (isinstance(meta[key], list) and len(meta[key]) == 3
+                                 and all(_is_number(v) for v in meta[key])):
+            raise bad(key, "3 finite numbers (one per RGB channel)")
+    if present("std") and min(meta["std"]) <= 0:
+        raise bad("std", "3 positive numbers")
+    for key in ("epoch", "parameters"):
+        if present(key) and not (_is_int(meta[key]) and meta[key] >= 0):
+            raise bad(key, "a count")
+    for key in ("kind", "data"):
+        if present(key) and not isinstance(meta[key], str):
+            raise bad(key, "a string")
+    for key in ("metrics", "teacher", "train_config"):
+        if present(key) and not isinstance(meta[key], dict):
+            raise bad(key, "a mapping")
+    accuracy = (meta.get("metrics") or {}).get("accuracy")
+    if accuracy is not None and not _is_number(accuracy):
+        raise CheckpointError(f"{path}: metadata records accuracy {accuracy!r:.80}, not a number")
+    config = meta.get("train_config") or {}
+    for key in ("alpha", "kd_weight", "kd_temperature"):
+        if config.get(key) is not None and not _is_number(config[key]):
+            raise CheckpointError(f"{path}: metadata train_config.{key} is {config[key]!r:.80}, not a number")
+    for key in ("loss", "gate", "weighting", "kd"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise CheckpointError(f"{path}: metadata train_config.{key} is {config[key]!r:.80}, not a string")
+    for where, rows in (("head_map", meta.get("head_map")), ("train_config.head_map", config.get("head_map"))):
+        if rows is None:
+            continue
+        if not isinstance(rows, (list, str)):
+            raise CheckpointError(f"{path}: metadata {where} is {rows!r:.80}, not a head map")
+        if where == "head_map":
+            try:
+                HeadMap.from_list(rows)
+            except ConfigError as exc:
+                raise CheckpointError(f"{path}: metadata head_map is not a head map ({exc})") from exc
 
 
 def checkpoint_model_config(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> ModelConfig:
@@ -173,7 +239,24 @@ def checkpoint_architecture(path: str | Path, meta: Mapping[str, Any] | None = N
              for name, shape in expected.items() if shapes[name] != shape]
     if wrong:
         raise _mismatch(path, _names(wrong))
+    _check_fields_fit_model(meta, model, path)
     return model
+
+
+def _check_fields_fit_model(meta: Mapping[str, Any], model: torch.nn.Module, path: Path) -> None:
+    """The recorded input size and class names describe this model (the app resizes and labels by them)."""
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes < 1:
+        raise CheckpointError(f"{path}: the model has no classifier (num_classes {num_classes}); vitkd compares "
+                              "predictions, so it needs one")
+    names = meta.get("class_names")
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise CheckpointError(f"{path}: metadata names {len(names)} classes but the model predicts {num_classes}")
+    model_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    recorded = meta.get("img_size")
+    if recorded is not None and model_size is not None and recorded != model_size[0]:
+        raise CheckpointError(f"{path}: metadata records input size {recorded} px but the model takes "
+                              f"{model_size[0]} px")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

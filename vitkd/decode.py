@@ -19,7 +19,8 @@ __all__ = ["DECODER_VERSION", "IMAGE_EXTENSIONS", "decode_rgb", "decode_rgb_boun
            "resize_center_crop"]
 
 # Part of every decode cache key: bump it whenever a change here changes any decoded pixel.
-DECODER_VERSION = 2
+DECODER_VERSION = 3  # 3: elongated images resampled over their centre crop only
+MAX_RESIZED_AREA = 16  # resize_center_crop resizes a whole image only up to this many crops' area
 # What image folders and scans pick up (torchvision's image extensions plus GIF, which uploads accept).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -101,12 +102,22 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop to ``size`` x ``size``."""
+    """Resize the shorter side to ``size`` (bicubic) and centre-crop to ``size`` x ``size``.
+
+    An elongated image (the resized whole above ``MAX_RESIZED_AREA`` crops) is resampled over its
+    centre only (PIL's ``box``): a 1,000,000 x 8 strip would otherwise be upscaled whole to
+    4,000,000 x 32 before the crop. The two ways differ by rounding (PIL's two passes clip to
+    8 bits in between), so ordinary images keep the full resize and their exact pixels.
+    """
     w, h = image.size
     if (w, h) == (size, size):
         return image
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > MAX_RESIZED_AREA * size * size:
+        sx, sy = w / nw, h / nh  # the crop's window in source pixels, at the full resize's scale
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
     return image.crop((left, top, left + size, top + size))

@@ -45,6 +45,8 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, T
     for raw in spec["runs"]:
         raw = dict(raw)
         name = raw.pop("name")
+        if name in names:  # two runs would share one folder: the second would resume or overwrite the first
+            raise ConfigError(f"{path}: run name {name!r} appears twice; each run needs its own name")
         extra = {k: raw.pop(k) for k in ("group", "label") if k in raw}
         fields = dict(defaults, **raw)
         fields.setdefault("data", spec.get("data"))

@@ -23,10 +23,14 @@ from .data import normalize
 from .decode import decode_rgb, decode_rgb_bounded, resize_center_crop, to_rgb
 from .errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "DISPLAY_SIDE", "Preprocessed", "load_image", "to_rgb", "preprocess"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MIN_SIDE", "MAX_ASPECT", "DISPLAY_SIDE", "Preprocessed", "load_image", "to_rgb",
+           "preprocess"]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: a large photo; ~150 MB decoded, still bounded
 MIN_SIDE = 8  # below this an image carries no usable content for a patch grid
+# Longest side over shortest. Bounds what a thin strip costs: one whose short side is below the
+# crop decodes whole (it cannot be reduced), and the app keeps that copy.
+MAX_ASPECT = 16
 DISPLAY_SIDE = 512  # long side of the one copy the app keeps of an upload (it shows and crops from that)
 
 
@@ -47,7 +51,8 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
     """Decode an image file or its bytes to an 8-bit RGB ``PIL.Image`` (EXIF orientation applied).
 
     Rejects, with ``ImageError``: empty files, non-images, truncated files, images with a side
-    below ``min_side`` and images above ``max_pixels`` (checked from the header, before decoding).
+    below ``min_side``, longer than ``MAX_ASPECT`` times their short side, or above ``max_pixels``
+    (all checked from the header, before decoding).
     GIFs and other multi-frame files give their first frame.
 
     Args:
@@ -85,6 +90,9 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         if min(width, height) < min_side:
             raise ImageError(f"{what} is {width}x{height} pixels; images need at least {min_side} pixels "
                              "on each side")
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise ImageError(f"{what} is {width}x{height} pixels, more than {MAX_ASPECT} times longer than it "
+                             "is wide: the model sees only a centre square of it; crop the part you want first")
         try:
             with decode_slot if decode_slot is not None else contextlib.nullcontext():
                 if max_side is None:

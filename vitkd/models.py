@@ -35,8 +35,9 @@ from .errors import ConfigError
 from .sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 
 __all__ = ["ModelConfig", "PRESETS", "DISTILLED_PRESETS", "build_model", "count_parameters", "describe_model",
-           "model_config", "default_img_size", "has_distillation_token", "SL_KEYS", "ARCHITECTURE_KEYS", "TIMM_PREFIX",
-           "resolve_model_name", "parse_model_overrides", "format_model_overrides", "check_model_overrides",
+           "model_config", "default_img_size", "has_distillation_token", "SL_KEYS", "ARCHITECTURE_KEYS",
+           "OVERRIDE_LIMITS", "TIMM_PREFIX", "resolve_model_name", "parse_model_overrides", "format_model_overrides",
+           "check_model_overrides",
            "WEIGHT_FILE_SUFFIXES"]
 
 # Presets are data: keyword arguments for timm's VisionTransformer.
@@ -84,6 +85,11 @@ ARCHITECTURE_KEYS: frozenset[str] = frozenset({
 # Architecture keys a run sets elsewhere: an override would disagree with the data or --img-size.
 _SET_ELSEWHERE: Mapping[str, str] = MappingProxyType({
     "num_classes": "the number of classes comes from the data", "img_size": "use --img-size"})
+# Upper bounds on the sizes a run may ask for, far above timm's largest ViTs (vit_gigantic: depth 48,
+# embed 1664, 16 heads): every run builds its model once on the meta device to check it, in the
+# app's server too, and that costs time per block.
+OVERRIDE_LIMITS: Mapping[str, int] = MappingProxyType({
+    "depth": 64, "embed_dim": 8192, "num_heads": 256, "reg_tokens": 256, "in_chans": 64})
 TIMM_PREFIX = "timm:"
 # Weight files ``pretrained_file`` reads: safetensors, or a torch pickle loaded with ``weights_only=True``.
 WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
@@ -146,6 +152,10 @@ def check_model_overrides(overrides: Mapping[str, Any]) -> None:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, _JSON_SCALARS) for v in items):
             raise ConfigError(f"model override {key}={value!r} is not a number, true/false, a string or a list")
+        limit = OVERRIDE_LIMITS.get(key)
+        if limit is not None and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+            raise ConfigError(f"model override {key}={value} is out of range: 0 to {limit} (even building a "
+                              "model that size to check it would take minutes)")
 
 
 def parse_model_overrides(items: str | Iterable[str]) -> dict[str, Any]:

@@ -230,8 +230,12 @@ class RunDir:
         return value if isinstance(value, dict) else {}
 
     def clear_outputs(self) -> None:
-        """Remove what an earlier, abandoned attempt left (a fresh start owns the folder)."""
-        for path in (self.last, self.best, self.state, self.metrics, self.progress):
+        """Remove what an earlier, abandoned attempt left (a fresh start owns the folder).
+
+        The training state goes first: it is what makes a folder resumable, so a crash halfway
+        leaves a folder that starts fresh again, never one that resumes onto half-deleted files.
+        """
+        for path in (self.state, self.last, self.best, self.metrics, self.progress):
             path.unlink(missing_ok=True)
 
 

@@ -270,10 +270,22 @@ class _Run:
     # images -> (teacher class logits, teacher targets [B, P, T_s, T_s] on the student's tokens, or None)
     teacher_capture: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     per_sample_fn: Callable[..., torch.Tensor] | None = None
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def data_fingerprint(train_data: ImageTensors) -> dict[str, Any]:
+    """What a resume must find unchanged in the training split: image count, classes, and a hash of the pixels
+    and labels (a changed folder would silently shift the schedule, batch order and validation split)."""
+    digest = hashlib.sha256()
+    digest.update(train_data.labels.numpy().tobytes())
+    for part in train_data.images.split(4096):  # bounded extra memory, whatever the split's size
+        digest.update(part.contiguous().numpy().tobytes())
+    return {"train_images": len(train_data), "classes": list(train_data.class_names),
+            "sha256": digest.hexdigest()}
 
 
 @dataclass
@@ -462,7 +474,8 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
                 forward=CaptureModule(student, head_map.student_blocks if head_map else []), optimizer=optimizer,
                 steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs,
                 warmup_steps=round(config.warmup_epochs * steps_per_epoch), base_meta=base_meta, teacher=teacher,
-                head_map=head_map, teacher_capture=teacher_capture, per_sample_fn=per_sample_fn)
+                head_map=head_map, teacher_capture=teacher_capture, per_sample_fn=per_sample_fn,
+                data_fingerprint=data_fingerprint(full_train))
 
 
 def _init_weights(config: TrainConfig, student: torch.nn.Module) -> dict[str, Any] | None:
@@ -539,6 +552,12 @@ def _restore(run: _Run, resume: bool) -> _Position:
                               "spell the heads out (e.g. block:T->S[h,...])")
     if changed:
         raise ConfigError(f"--resume with a different config than the run in {run.run_dir.path} (changed: {changed})")
+    recorded_data = state.get("data")  # absent in states written before vitkd recorded it
+    if recorded_data is not None and recorded_data != run.data_fingerprint:
+        was, now = recorded_data.get("train_images"), run.data_fingerprint["train_images"]
+        what = f"{was} images then, {now} now" if was != now else "same image count, other pixels, labels or classes"
+        raise ConfigError(f"--resume: the training data of the run in {run.run_dir.path} changed since epoch "
+                          f"{state['epoch']} ({what}): restore it, or start the run again without --resume")
     run.student.load_state_dict({k: v.to(run.device) for k, v in state["model"].items()})
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -699,7 +718,7 @@ def _commit_epoch(run: _Run, position: _Position, epoch: int, sums: dict[str, fl
             "rng_cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
             "wall_time_s": wall, "meta": meta, "metrics_history": position.history,
             "best_val_accuracy": position.best_val_accuracy, "best_epoch": position.best_epoch,
-            "best_model": position.best_state, "best_meta": position.best_meta,
+            "best_model": position.best_state, "best_meta": position.best_meta, "data": run.data_fingerprint,
         }
         run.run_dir.commit(state)
         run.run_dir.export(run.student, state, run.student if is_best else None)

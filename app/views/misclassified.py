@@ -99,7 +99,14 @@ def browser_csv(result: ScanResult, folder: str) -> str:
 
 
 def open_row(row: ScanRow) -> None:
-    common.open_in_explore(Path(row.path).name, Path(row.path).read_bytes(), row.label)
+    name = Path(row.path).name
+    try:
+        data = Path(row.path).read_bytes()
+    except OSError:  # moved or deleted on the server since the scan
+        st.error(f"**{common.escape_markdown(name)}** can no longer be read on the server (moved or deleted "
+                 "since the scan): scan the split again.")
+        return
+    common.open_in_explore(name, data, row.label)
 
 
 def show_gallery(result: ScanResult) -> None:
