@@ -302,7 +302,7 @@ def test_every_kind_of_model_passes_the_header_check(name: str, overrides: dict,
 
 
 def _resave(saved, path: Path, **changes) -> Path:
-    """The saved checkpoint's weights with its metadata changed (``None`` deletes a field)."""
+    """The saved checkpoint's weights with its metadata changed (``None`` records the field as null)."""
     _, good = saved
     meta = read_checkpoint_meta(good)
     for key, value in changes.items():
@@ -323,12 +323,14 @@ def _resave(saved, path: Path, **changes) -> Path:
     ("mean", [0.5, 0.5], "'mean'.*3 finite numbers"),
     ("std", [0.2, 0.0, 0.2], "'std'.*3 positive numbers"),
     ("std", [0.2, "x", 0.2], "'std'.*3 finite numbers"),
-    ("head_map", 5, "head_map is 5, not a head map"),
+    ("head_map", 5, "'head_map' is 5, not a list of head-map rows"),
+    ("head_map", "4.0->2.0", "'head_map' is '4.0->2.0', not a list"),
     ("head_map", [[1, 0, 0]], "head_map is not a head map"),
     ("teacher", "x", "'teacher' is 'x', not a mapping"),
     ("metrics", {"accuracy": "high"}, "accuracy 'high', not a number"),
     ("train_config", {"alpha": "half"}, "train_config.alpha is 'half', not a number"),
     ("train_config", {"loss": 3}, "train_config.loss is 3, not a string"),
+    ("train_config", {"head_map": [[1, 0, 0, 2]]}, "train_config.head_map is \\[\\[1, 0, 0, 2\\]\\], not a string"),
     ("parameters", "many", "'parameters' is 'many', not a count"),
     ("epoch", -1, "'epoch' is -1, not a count"),
     ("data", ["x"], "'data' is \\['x'\\], not a string"),

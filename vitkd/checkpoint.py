@@ -135,16 +135,15 @@ def _check_recorded_fields(meta: Mapping[str, Any], path: Path) -> None:
     for key in ("loss", "gate", "weighting", "kd"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise CheckpointError(f"{path}: metadata train_config.{key} is {config[key]!r:.80}, not a string")
-    for where, rows in (("head_map", meta.get("head_map")), ("train_config.head_map", config.get("head_map"))):
-        if rows is None:
-            continue
-        if not isinstance(rows, (list, str)):
-            raise CheckpointError(f"{path}: metadata {where} is {rows!r:.80}, not a head map")
-        if where == "head_map":
-            try:
-                HeadMap.from_list(rows)
-            except ConfigError as exc:
-                raise CheckpointError(f"{path}: metadata head_map is not a head map ({exc})") from exc
+    if config.get("head_map") is not None and not isinstance(config["head_map"], str):  # the spec as typed
+        raise CheckpointError(f"{path}: metadata train_config.head_map is {config['head_map']!r:.80}, not a string")
+    if present("head_map"):  # the resolved rows
+        if not isinstance(meta["head_map"], list):
+            raise bad("head_map", "a list of head-map rows")
+        try:
+            HeadMap.from_list(meta["head_map"])
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: metadata head_map is not a head map ({exc})") from exc
 
 
 def checkpoint_model_config(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> ModelConfig:

@@ -91,8 +91,8 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise ImageError(f"{what} is {width}x{height} pixels; images need at least {min_side} pixels "
                              "on each side")
         if max(width, height) > MAX_ASPECT * min(width, height):
-            raise ImageError(f"{what} is {width}x{height} pixels, more than {MAX_ASPECT} times longer than it "
-                             "is wide: the model sees only a centre square of it; crop the part you want first")
+            raise ImageError(f"{what} is {width}x{height} pixels, its long side more than {MAX_ASPECT} times its "
+                             "short side: the model sees only a centre square of it; crop the part you want first")
         try:
             with decode_slot if decode_slot is not None else contextlib.nullcontext():
                 if max_side is None:

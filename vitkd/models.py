@@ -37,8 +37,7 @@ from .sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 __all__ = ["ModelConfig", "PRESETS", "DISTILLED_PRESETS", "build_model", "count_parameters", "describe_model",
            "model_config", "default_img_size", "has_distillation_token", "SL_KEYS", "ARCHITECTURE_KEYS",
            "OVERRIDE_LIMITS", "TIMM_PREFIX", "resolve_model_name", "parse_model_overrides", "format_model_overrides",
-           "check_model_overrides",
-           "WEIGHT_FILE_SUFFIXES"]
+           "check_model_overrides", "WEIGHT_FILE_SUFFIXES"]
 
 # Presets are data: keyword arguments for timm's VisionTransformer.
 _SEED_COMMON = dict(img_size=32, patch_size=8, embed_dim=64, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
@@ -154,8 +153,8 @@ def check_model_overrides(overrides: Mapping[str, Any]) -> None:
             raise ConfigError(f"model override {key}={value!r} is not a number, true/false, a string or a list")
         limit = OVERRIDE_LIMITS.get(key)
         if limit is not None and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
-            raise ConfigError(f"model override {key}={value} is out of range: 0 to {limit} (even building a "
-                              "model that size to check it would take minutes)")
+            raise ConfigError(f"model override {key}={value} is out of range: 0 to {limit}, far above any ViT "
+                              "timm ships (checking a model that size would tie up the process)")
 
 
 def parse_model_overrides(items: str | Iterable[str]) -> dict[str, Any]:
