@@ -252,6 +252,55 @@ def test_resume_refuses_runs_without_a_committed_epoch(tmp_path: Path) -> None:
     assert not (runs / LOCK_NAME).exists()  # a refused resume leaves the slot free
 
 
+def test_a_job_the_server_failed_to_record_exits_without_training(data_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies (here: raises) after spawning the process but before the lock names it: the
+    process must not train on, untracked, beside the next job; it reads EOF instead of ``go`` and exits."""
+    from vitkd import jobs as jobs_module
+
+    runs, write_json = tmp_path / "runs", jobs_module._write_json
+
+    def crash_on_lock(path: Path, payload: dict) -> None:
+        if path.name == LOCK_NAME:
+            raise KeyboardInterrupt("server killed")
+        write_json(path, payload)
+
+    monkeypatch.setattr(jobs_module, "_write_json", crash_on_lock)
+    with pytest.raises(KeyboardInterrupt):
+        start_job(runs, _config(data_root, epochs=1000))
+    monkeypatch.undo()
+    (run_path,) = [p for p in runs.iterdir() if p.is_dir()]
+    job = load_job(run_path)  # the job file was written, so the orphan is visible and can be checked
+    try:
+        assert _process_gone(job.pid, timeout=30), "the unrecorded job kept running"
+    finally:
+        if not _process_gone(job.pid, timeout=0):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "nothing was trained" in job.log_path.read_text()
+    assert not RunDir(run_path).state.exists() and active_job(runs) is None
+    assert job_status(job).state == "failed"
+
+
+def test_a_stale_job_handle_leaves_a_newer_attempts_record_alone(tmp_path: Path) -> None:
+    """A page still holding the first attempt (its process dead) must not mark the attempt another
+    session has since resumed as ended; the current attempt's end is still recorded."""
+    dead = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    for process in dead:
+        process.wait()
+    run = RunDir(tmp_path / "runs" / "resumed")
+    run.path.mkdir(parents=True)
+    run.job_file.write_text(json.dumps({"pid": dead[0].pid, "args": ["train"], "started": 1.0, "status": "running"}))
+    first = load_job(run.path)
+    run.job_file.write_text(json.dumps({"pid": dead[1].pid, "args": ["train", "--resume"], "started": 2.0,
+                                        "status": "running"}))
+    assert job_status(first).state == "failed"
+    assert json.loads(run.job_file.read_text()) == {"pid": dead[1].pid, "args": ["train", "--resume"],
+                                                     "started": 2.0, "status": "running"}
+    assert job_status(load_job(run.path)).state == "failed"
+    record = json.loads(run.job_file.read_text())
+    assert record["pid"] == dead[1].pid and record["status"] == "failed" and record["ended"] >= 2.0
+
+
 def test_stale_locks_are_cleared(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .distill import GATES, WEIGHTINGS
 from .errors import VitkdError
+from .jobs import WAIT_FOR_GO_FLAG
 
 __all__ = ["main", "build_parser"]
 
@@ -53,6 +54,8 @@ def _add_run_args(p: argparse.ArgumentParser, distill: bool) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call")
     g.add_argument("--no-progress", action="store_true")
+    # Jobs started by the app: train only once the parent has recorded the job (see vitkd.jobs).
+    g.add_argument(WAIT_FOR_GO_FLAG, action="store_true", help=argparse.SUPPRESS)
     if distill:
         g = p.add_argument_group("distillation")
         g.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors)")
@@ -210,8 +213,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_for_go() -> bool:
+    """True once the parent writes ``go`` on stdin; EOF first means it died before recording the job."""
+    return sys.stdin.readline().strip() == "go"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "wait_for_go", False) and not _wait_for_go():
+        print("error: the app that started this job stopped before recording it; nothing was trained",
+              file=sys.stderr)
+        return 2
     from .train import TrainingStopped
 
     try:

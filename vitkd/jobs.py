@@ -42,6 +42,9 @@ LOCK_NAME = ".active_job"
 _MUTEX_NAME = ".jobs.mutex"
 _STOPPED_PREFIX = "stopped: "  # the CLI's one line when SIGTERM/SIGINT stopped training at a step boundary
 _RESUME_MARK = "== resume: "  # written to the log before each resumed attempt
+# The CLI flag that makes a job wait for ``go`` on stdin: sent once the job file and lock are written,
+# so a parent that dies in between leaves no untracked training process (the child reads EOF and exits).
+WAIT_FOR_GO_FLAG = "--wait-for-go"
 # TrainConfig fields the CLI takes under another name.
 _FLAG_NAMES = {"head_map": "--map", "out_dir": "--out"}
 _DISTILL_ONLY = ("teacher", "head_map", "loss", "alpha", "gate", "weighting", "kd", "kd_weight", "kd_temperature")
@@ -303,11 +306,26 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return child
 
 
-def _spawn(run: RunDir, argv: Sequence[str], env: Mapping[str, str] | None) -> subprocess.Popen:
-    """``python -m vitkd *argv`` in its own session, stdout and stderr appended to the run's log."""
+@contextlib.contextmanager
+def _spawn(run: RunDir, argv: Sequence[str], env: Mapping[str, str] | None) -> Iterator[subprocess.Popen]:
+    """``python -m vitkd *argv`` in its own session, stdout and stderr appended to the run's log.
+
+    The process trains only once the block ends without an exception (the caller records the
+    job in it); otherwise, or if this process dies first, it reads EOF and exits untrained.
+    """
     with open(run.log, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "vitkd", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=_child_env(env))
+        process = subprocess.Popen([sys.executable, "-m", "vitkd", *argv, WAIT_FOR_GO_FLAG], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.PIPE, start_new_session=True,
+                                   env=_child_env(env))
+    assert process.stdin is not None
+    try:
+        yield process
+    except BaseException:
+        process.stdin.close()  # EOF: the child exits without training
+        raise
+    with contextlib.suppress(BrokenPipeError):  # it died already; job_status reports how
+        process.stdin.write(b"go\n")
+        process.stdin.close()
 
 
 def start_job(runs_dir: str | Path, config: Mapping[str, Any] | Sequence[str], name: str | None = None,
@@ -331,11 +349,11 @@ def start_job(runs_dir: str | Path, config: Mapping[str, Any] | Sequence[str], n
     with _claim_slot(runs_dir) as claim:
         run = RunDir(_new_run_dir(runs_dir, name or args[0]))
         argv = list(args) + ["--out", str(run.path)]
-        process = _spawn(run, argv, env)
-        started = time.time()
-        _write_json(run.job_file, {"pid": process.pid, "args": argv, "started": started, "status": "running",
-                                   "python": sys.executable})
-        claim(run.name, process.pid)
+        with _spawn(run, argv, env) as process:
+            started = time.time()
+            _write_json(run.job_file, {"pid": process.pid, "args": argv, "started": started, "status": "running",
+                                       "python": sys.executable})
+            claim(run.name, process.pid)
     return Job(name=run.name, run_dir=run.path, pid=process.pid, args=tuple(argv), started=started)
 
 
@@ -355,7 +373,7 @@ def resume_job(runs_dir: str | Path, job: Job, env: Mapping[str, str] | None = N
         current = load_job(job.run_dir)  # the latest attempt, should another session have resumed it meanwhile
         if current is None:
             raise ConfigError(f"{job.run_dir} has no readable job record; start a new run")
-        status = job_status(current)
+        status = _read_status(current)
         if status.running:  # alive without holding the lock (a lock file removed by hand)
             raise JobBusyError(f"training job {current.name} is still running; wait for it or cancel it first")
         if not status.resumable:
@@ -364,18 +382,19 @@ def resume_job(runs_dir: str | Path, job: Job, env: Mapping[str, str] | None = N
             raise ConfigError(f"{current.name} has no committed epoch to resume from; start a new run")
         run = current.folder
         record = _read_json(run.job_file) or {}
-        previous = {key: record.get(key) for key in ("pid", "args", "started", "ended", "status")}
+        previous = {key: record.get(key) for key in ("pid", "args", "started")}
+        previous.update(ended=record.get("ended", time.time()), status=status.state)
         attempts = [*record.get("attempts", []), dict(previous, message=status.message)]
         argv = list(current.resume_args)
         with open(run.log, "a") as log:
             log.write(f"\n{_RESUME_MARK}{time.strftime('%Y-%m-%d %H:%M:%S')}, after epoch "
                       f"{status.committed_epoch}: python -m vitkd {' '.join(argv)}\n")
-        process = _spawn(run, argv, env)
-        started = time.time()
-        kept = {k: v for k, v in record.items() if k not in ("ended", "attempts")}
-        _write_json(run.job_file, dict(kept, pid=process.pid, args=argv, started=started, status="running",
-                                       python=sys.executable, attempts=attempts))
-        claim(run.name, process.pid)
+        with _spawn(run, argv, env) as process:
+            started = time.time()
+            kept = {k: v for k, v in record.items() if k not in ("ended", "attempts")}
+            _write_json(run.job_file, dict(kept, pid=process.pid, args=argv, started=started, status="running",
+                                           python=sys.executable, attempts=attempts))
+            claim(run.name, process.pid)
     return Job(name=run.name, run_dir=run.path, pid=process.pid, args=tuple(argv), started=started)
 
 
@@ -397,7 +416,21 @@ def job_status(job: Job) -> JobStatus:
 
     A process that ended with the CLI's ``stopped:`` line (SIGTERM or SIGINT, from ``cancel_job``
     or anyone else) is cancelled, with that line as the message; any other unfinished end failed.
+    An ended attempt's state is written to the job file, unless another attempt replaced it meanwhile.
     """
+    status = _read_status(job)
+    if status.state != "running":
+        with _mutex(job.run_dir.parent):  # re-read under the mutex: a resume may have just written its attempt
+            record = _read_json(job.folder.job_file) or {}
+            if record.get("pid") == job.pid and record.get("status") != status.state:
+                with contextlib.suppress(OSError):
+                    _write_json(job.folder.job_file, dict(record, status=status.state,
+                                                          ended=record.get("ended", time.time())))
+    return status
+
+
+def _read_status(job: Job) -> JobStatus:
+    """``job_status`` without writing anything (callers holding the mutex use this)."""
     run = job.folder
     record = _read_json(run.job_file) or {}
     progress = run.read_progress()
@@ -429,9 +462,6 @@ def job_status(job: Job) -> JobStatus:
     if state in ("cancelled", "failed") and not alive:
         with contextlib.suppress(VitkdError):  # unreadable state: nothing to resume from
             committed = run.committed_epoch()
-    if state != "running" and record.get("status") != state:
-        with contextlib.suppress(OSError):
-            _write_json(run.job_file, dict(record, status=state, ended=record.get("ended", time.time())))
     return JobStatus(state=state, epoch=epoch, epochs=epochs, batch=batch, batches=int(progress.get("batches") or 0),
                      loss=progress.get("loss"), accuracy=last.get("accuracy"), metrics=metrics, message=message,
                      committed_epoch=committed)
