@@ -152,6 +152,63 @@ def test_bundle_finds_the_teacher_by_the_checkpoint_its_students_learned_from(tm
     assert picked == {"x-teacher": "big", "x-student-baseline": "baseline", "x-student-distilled": "kl"}
 
 
+def test_a_bundle_that_fails_midway_leaves_the_old_one_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher and student are a pair: a copy that fails after the first leaves all three old files."""
+    import shutil
+
+    from vitkd import experiment
+
+    runs, bundle = tmp_path / "runs", tmp_path / "bundle"
+
+    def row(name: str, teacher: str | None) -> dict:
+        run = RunDir(runs / name)
+        run.path.mkdir(parents=True)
+        run.last.write_text(f"new {name}")
+        return {"name": name, "finished": True, "accuracy": 70.0,
+                "config": {"out_dir": str(run.path), "seed": 0, "teacher": teacher}}
+
+    rows = [row("teacher", None), row("baseline", None), row("kl", str(RunDir(runs / "teacher").last))]
+    bundle.mkdir()
+    old = {f"x-{role}.safetensors": f"old {role}" for role in ("teacher", "student-baseline", "student-distilled")}
+    for name, text in old.items():
+        (bundle / name).write_text(text)
+    copies, copyfile = [], shutil.copyfile
+
+    def copy_then_fail(src: Path, dst: Path) -> None:
+        copies.append(src)
+        if len(copies) == 2:
+            raise OSError(28, "No space left on device")
+        copyfile(src, dst)
+
+    monkeypatch.setattr(experiment.shutil, "copyfile", copy_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        bundle_checkpoints(rows, bundle, "x")
+    assert {p.name: p.read_text() for p in bundle.iterdir()} == old  # and no temp file left
+    monkeypatch.undo()
+    bundle_checkpoints(rows, bundle, "x")
+    assert {p.name: p.read_text() for p in bundle.iterdir()} == {
+        "x-teacher.safetensors": "new teacher", "x-student-baseline.safetensors": "new baseline",
+        "x-student-distilled.safetensors": "new kl"}
+
+
+def test_lanes_publish_results_one_at_a_time(tmp_path: Path) -> None:
+    """A lane that finished a run waits while another writes results and the bundle (it would otherwise
+    overwrite a newer table with the one it read earlier)."""
+    import threading
+
+    from vitkd.experiment import _PUBLISH_LOCK, _publish
+    from vitkd.files import exclusive_lock
+
+    out = tmp_path / "runs"
+    publisher = threading.Thread(target=_publish, args=({"out_dir": str(out)}, []))
+    with exclusive_lock(out / _PUBLISH_LOCK):  # another lane publishing
+        publisher.start()
+        publisher.join(timeout=1.0)
+        assert publisher.is_alive() and not (out / "results.json").exists()
+    publisher.join(timeout=30)
+    assert json.loads((out / "results.json").read_text()) == []
+
+
 def test_bundle_replaces_the_variant_only_beyond_the_seed_spread(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
 

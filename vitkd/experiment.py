@@ -7,6 +7,7 @@ and metrics, so ``results.md`` can be regenerated from it alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import statistics
@@ -18,11 +19,13 @@ import yaml
 
 from .checkpoint import read_checkpoint_meta
 from .errors import ConfigError
-from .files import atomic_target, write_text_atomic
+from .files import atomic_target, exclusive_lock, write_text_atomic
 from .rundir import RunDir
 from .train import TrainConfig, train
 
 __all__ = ["load_experiment", "run_experiment", "results_table", "experiment_status"]
+
+_PUBLISH_LOCK = ".publish.lock"  # in the study's out_dir: one lane at a time writes results and the bundle
 
 
 def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, TrainConfig, dict[str, Any]]]]:
@@ -165,11 +168,8 @@ def run_experiment(path: str | Path, only: list[str] | None = None, progress: bo
             continue
         print(f"== {name}", flush=True)
         train(config, resume=True, progress=progress)
-        _write_results(out_dir, runs)
-    results = _write_results(out_dir, runs)
-    if "bundle" in spec:
-        bundle_checkpoints(results, Path(spec["bundle"]["dir"]), spec["bundle"]["prefix"])
-    return results
+        _publish(spec, runs)
+    return _publish(spec, runs)
 
 
 def _group_stats(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
@@ -221,16 +221,27 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
     if chosen is not None:
         picks["student-distilled"] = chosen
     written = []
-    for role, r in picks.items():
-        target = bundle_dir / f"{prefix}-{role}.safetensors"
-        with atomic_target(target) as tmp:  # the app may be reading the bundle; lanes bundle concurrently
-            shutil.copyfile(RunDir(r["config"]["out_dir"]).last, tmp)
-        written.append(target)
+    # Every copy is made before any file is replaced (the stack renames on exit), so a failed copy
+    # changes nothing and the app, reading meanwhile, sees the old bundle or the new one.
+    with contextlib.ExitStack() as renames:
+        for role, r in picks.items():
+            target = bundle_dir / f"{prefix}-{role}.safetensors"
+            shutil.copyfile(RunDir(r["config"]["out_dir"]).last, renames.enter_context(atomic_target(target)))
+            written.append(target)
     return written
 
 
-def _write_results(out_dir: Path, runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:
-    results = [r for r in (_run_summary(n, c, e) for n, c, e in runs) if r is not None]
-    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
-    write_text_atomic(out_dir / "results.md", results_table(results))
+def _publish(spec: dict[str, Any], runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Write results.json, results.md and the bundle from every run's folder as it is now.
+
+    Lanes finish runs concurrently: under the lock, whoever writes last has read the latest runs,
+    so a lane that read earlier cannot overwrite a newer table or bundle with an older one.
+    """
+    out_dir = Path(spec["out_dir"])
+    with exclusive_lock(out_dir / _PUBLISH_LOCK):
+        results = [r for r in (_run_summary(n, c, e) for n, c, e in runs) if r is not None]
+        write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1))
+        write_text_atomic(out_dir / "results.md", results_table(results))
+        if "bundle" in spec:
+            bundle_checkpoints(results, Path(spec["bundle"]["dir"]), spec["bundle"]["prefix"])
     return results

@@ -1,14 +1,15 @@
-"""Atomic file writes: a reader (the app, a resumed run, a second process) never sees half a file."""
+"""Atomic file writes (a reader never sees half a file) and the cross-process lock that serialises writers."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_target", "write_text_atomic"]
+__all__ = ["atomic_target", "write_text_atomic", "exclusive_lock"]
 
 
 @contextlib.contextmanager
@@ -46,3 +47,18 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_target(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive ``flock`` on ``path`` (created if missing).
+
+    Serialises read-modify-write sequences across threads and processes; the kernel drops the
+    lock when its holder dies, so a crash never leaves it stale. Not reentrant: a holder that
+    takes it again through another open would wait forever.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file drops the lock

@@ -15,7 +15,6 @@ same command again with ``--resume`` in the same folder, continuing after that e
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, VitkdError
-from .files import write_text_atomic
+from .files import exclusive_lock, write_text_atomic
 from .rundir import RunDir
 
 __all__ = ["Job", "JobStatus", "JobBusyError", "start_job", "resume_job", "active_job", "job_status", "cancel_job",
@@ -201,16 +200,9 @@ def _job_alive(job: Job) -> bool:
     return not cmdline or job.run_dir.name in cmdline
 
 
-@contextlib.contextmanager
-def _mutex(runs_dir: Path) -> Iterator[None]:
+def _mutex(runs_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Serialise lock and job-file updates across threads and processes sharing ``runs_dir``."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir / _MUTEX_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(runs_dir / _MUTEX_NAME)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
