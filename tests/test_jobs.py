@@ -226,6 +226,42 @@ def test_cancel_then_resume_twice_reaches_the_last_epoch_once(image_folder: Path
     assert [j.name for j in list_jobs(runs)] == [first.name]
 
 
+def test_a_cancel_from_a_stale_page_leaves_the_resumed_attempt_running(data_root: Path, tmp_path: Path,
+                                                                        jobs) -> None:
+    """Session A still shows attempt 1; session B resumed it. A's Cancel must not mark attempt 2
+    cancelled nor free the one-job lock while attempt 2 trains."""
+    runs = tmp_path / "runs"
+    first = jobs(start_job(runs, _config(data_root, epochs=200)))
+    _wait_committed(first, 1)
+    assert cancel_job(first).state == "cancelled"
+    second = jobs(resume_job(runs, first))
+    assert cancel_job(first).running  # the stale handle cancels nothing and reports the current attempt
+    assert job_status(second).running and active_job(runs) == second
+    assert json.loads(second.folder.job_file.read_text())["status"] == "running"
+    with pytest.raises(JobBusyError):
+        start_job(runs, _config(data_root, epochs=1))
+    assert cancel_job(second).state == "cancelled" and active_job(runs) is None
+
+
+def test_a_run_killed_after_its_last_commit_resumes_to_finished(data_root: Path, tmp_path: Path, jobs) -> None:
+    """Killed between the final commit and the exports: every epoch is committed, nothing says so.
+    Resume repairs the exports and records the end instead of leaving it failed for good."""
+    runs = tmp_path / "runs"
+    env = dict(os.environ, VITKD_CRASH_AT="last.state.safetensors:2")
+    job = jobs(start_job(runs, _config(data_root, epochs=2), env=env))
+    status = _wait(job, {"finished", "failed", "cancelled"}, timeout=120)
+    run = RunDir(job.run_dir)
+    assert status.state == "failed" and run.committed_epoch() == 2, job.log_path.read_text()
+    assert read_checkpoint_meta(run.last)["epoch"] == 1  # the exports lag the commit
+    assert status.resumable
+    resumed = jobs(resume_job(runs, job))
+    status = _wait(resumed, {"finished", "failed", "cancelled"}, timeout=120)
+    assert status.state == "finished", resumed.log_path.read_text()
+    assert read_checkpoint_meta(run.last)["epoch"] == 2 and [m["epoch"] for m in run.read_metrics()] == [1, 2]
+    with pytest.raises(ConfigError, match="already finished"):
+        resume_job(runs, resumed)
+
+
 def test_resume_refuses_runs_without_a_committed_epoch(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

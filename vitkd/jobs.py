@@ -123,8 +123,12 @@ class JobStatus:
 
     @property
     def resumable(self) -> bool:
-        """Cancelled or crashed with at least one committed epoch and epochs still to go."""
-        return self.state in ("cancelled", "failed") and 0 < self.committed_epoch < self.epochs
+        """Cancelled or crashed with at least one committed epoch.
+
+        Every epoch committed but the run not finished means it died after its last commit, before
+        recording the end: resuming repairs the exports and records it, training nothing.
+        """
+        return self.state in ("cancelled", "failed") and self.committed_epoch > 0
 
 
 def config_to_args(config: Mapping[str, Any]) -> list[str]:
@@ -369,7 +373,7 @@ def resume_job(runs_dir: str | Path, job: Job, env: Mapping[str, str] | None = N
         if status.running:  # alive without holding the lock (a lock file removed by hand)
             raise JobBusyError(f"training job {current.name} is still running; wait for it or cancel it first")
         if not status.resumable:
-            if status.state == "finished" or (status.epochs and status.committed_epoch >= status.epochs):
+            if status.state == "finished":
                 raise ConfigError(f"{current.name} already finished its {status.epochs} epochs; nothing to resume")
             raise ConfigError(f"{current.name} has no committed epoch to resume from; start a new run")
         run = current.folder
@@ -463,12 +467,16 @@ def cancel_job(job: Job, timeout: float = 10.0) -> JobStatus:
     """SIGTERM the job's process group, wait up to ``timeout`` s (then SIGKILL), release the lock.
 
     Training stops at the next step boundary, so the folder keeps its last committed epoch and
-    no temporary file; SIGKILL is the fallback for a process that does not stop in time.
+    no temporary file; SIGKILL is the fallback for a process that does not stop in time. A handle
+    to an attempt since replaced (another session resumed the run) cancels nothing and returns
+    the current attempt's status.
     """
     runs_dir = job.run_dir.parent
     job_file = job.folder.job_file
     with _mutex(runs_dir):
         record = _read_json(job_file) or {}
+        if record.get("pid") != job.pid:  # another session resumed the run since this job was read: not ours
+            return _read_status(load_job(job.run_dir) or job)
         _write_json(job_file, dict(record, status="cancelled", ended=time.time()))
     if _job_alive(job):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -483,7 +491,7 @@ def cancel_job(job: Job, timeout: float = 10.0) -> JobStatus:
                 time.sleep(0.05)
     with _mutex(runs_dir):
         record = _read_json(runs_dir / LOCK_NAME)
-        if record is not None and record.get("name") == job.name:
+        if record is not None and record.get("name") == job.name and record.get("pid") == job.pid:
             (runs_dir / LOCK_NAME).unlink(missing_ok=True)
     return job_status(job)
 

@@ -722,11 +722,16 @@ def _commit_epoch(run: _Run, position: _Position, epoch: int, sums: dict[str, fl
         }
         run.run_dir.commit(state)
         run.run_dir.export(run.student, state, run.student if is_best else None)
-        run.run_dir.write_progress({
-            "epoch": epoch + 1, "epochs": config.epochs, "batch": run.steps_per_epoch,
-            "batches": run.steps_per_epoch, "loss": metrics["train_loss"], "accuracy": metrics["accuracy"],
-            "time": time.time(), "done": epoch + 1 == config.epochs})
+        _report_epoch_end(run, epoch + 1, metrics)
     return metrics
+
+
+def _report_epoch_end(run: _Run, epochs_done: int, metrics: dict[str, Any]) -> None:
+    """Progress after a committed epoch (advisory: the state file is what counts); ``done`` after the last."""
+    run.run_dir.write_progress({
+        "epoch": epochs_done, "epochs": run.config.epochs, "batch": run.steps_per_epoch,
+        "batches": run.steps_per_epoch, "loss": metrics.get("train_loss"), "accuracy": metrics.get("accuracy"),
+        "time": time.time(), "done": epochs_done == run.config.epochs})
 
 
 def train(
@@ -756,7 +761,10 @@ def train(
             run.forward = torch.nn.parallel.DistributedDataParallel(
                 run.forward, device_ids=[device.index] if device.type == "cuda" else None)
         if position.epoch >= config.epochs:  # already finished: report what the run recorded
-            return dict(position.history[-1]) if position.history else {}
+            last = dict(position.history[-1]) if position.history else {}
+            if run.is_main:  # the first end may have died between its commit and this record
+                _report_epoch_end(run, position.epoch, last)
+            return last
         end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs,
                                                                          position.epoch + stop_after_epochs)
         metrics: dict[str, Any] = {}
