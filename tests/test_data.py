@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,15 @@ from PIL import Image
 
 import vitkd.data as data_module
 from vitkd.checkpoint import save_checkpoint
-from vitkd.data import ImageTensors, augment_batch, iterate_batches, load_split, normalize, resize_center_crop
+from vitkd.data import (
+    ImageTensors,
+    augment_batch,
+    iterate_batches,
+    load_split,
+    load_subset,
+    normalize,
+    resize_center_crop,
+)
 from vitkd.errors import ConfigError
 from vitkd.evaluation import evaluate_checkpoint
 from vitkd.models import build_model
@@ -334,6 +343,79 @@ def test_center_crop_against_hand_computed_offsets(tmp_path: Path) -> None:
     # 64x48 -> shorter side 32: 64 * 32 / 48 = 42.67 -> 43 wide; (43 - 32) // 2 = 5 columns off the left.
     resized = np.asarray(Image.fromarray(big).resize((43, 32), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(crops[2], resized[:, 5:37])
+
+
+# ------------------------------------------------------------------- subsets: what scans and head rankings read
+
+# 6 evenly spaced of the 40 test files of write_image_folder (step 40/6 = 6.67: positions 0, 6, 13, 20, 26, 33,
+# the 10 files of each class in sorted order), by hand.
+SUBSET_POSITIONS = (0, 6, 13, 20, 26, 33)
+SUBSET_FILES = ("blue/000.png", "blue/006.png", "gray/003.png", "green/000.png", "green/006.png", "red/003.png")
+
+
+def _pil(files: list[Path]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files]))
+
+
+def test_load_subset_decodes_only_its_images_and_never_caches_a_part(tmp_path: Path, monkeypatch) -> None:
+    root = write_image_folder(tmp_path / "data", seed=7)
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    decoded: list[str] = []
+    real_open = data_module.open_rgb
+    monkeypatch.setattr(data_module, "open_rgb", lambda path: decoded.append(str(path)) or real_open(path))
+    kept = [root / "test" / rel for rel in SUBSET_FILES]
+    subset = load_subset(source, "test", 32, limit=6, cache_dir=cache, progress=False)
+    assert decoded == [str(f) for f in kept]  # those 6 files: no other test file, no train file
+    assert subset.positions == SUBSET_POSITIONS and [Path(p) for p in subset.paths] == kept
+    assert torch.equal(subset.images, _pil(kept)) and subset.labels.tolist() == [0, 0, 1, 2, 2, 3]
+    assert subset.class_names == tuple(sorted(CLASS_COLORS))
+    # The part was not cached as the split: the whole split is read next, all 40 files.
+    whole, labels = _pil_folder(root / "test")
+    decoded.clear()
+    full = load_subset(source, "test", 32, cache_dir=cache, progress=False)
+    assert len(decoded) == 4 * TEST_PER_CLASS and torch.equal(full.images, torch.from_numpy(whole))
+    assert full.labels.tolist() == labels and full.positions == tuple(range(4 * TEST_PER_CLASS))
+    # With the whole split cached, a subset is its rows: nothing decoded, the same images and files.
+    decoded.clear()
+    again = load_subset(source, "test", 32, limit=6, cache_dir=cache, progress=False)
+    assert decoded == [] and torch.equal(again.images, _pil(kept)) and again.paths == subset.paths
+    assert load_subset(source, "test", 32, limit=100, cache_dir=cache, progress=False).positions == full.positions
+    with pytest.raises(ConfigError, match="limit must be positive"):
+        load_subset(source, "test", 32, limit=0, cache_dir=cache, progress=False)
+
+
+def test_load_subset_reads_a_root_without_train(tmp_path: Path, monkeypatch) -> None:
+    root = write_image_folder(tmp_path / "data", seed=7)
+    shutil.rmtree(root / "train")  # like the bundled samples/cifar10: test/ only
+    source, cache = f"imagefolder:{root}", tmp_path / "cache"
+    with pytest.raises(ConfigError, match="no train/ subfolder"):
+        load_split(source, "test", 32, cache_dir=cache, progress=False)  # training needs train's statistics
+    part = load_subset(source, "test", 32, limit=6, cache_dir=cache, progress=False)
+    assert [Path(p) for p in part.paths] == [root / "test" / rel for rel in SUBSET_FILES]
+    whole, labels = _pil_folder(root / "test")
+    full = load_subset(source, "test", 32, cache_dir=cache, progress=False)
+    assert torch.equal(full.images, torch.from_numpy(whole)) and full.labels.tolist() == labels
+
+
+def test_load_subset_of_a_torchvision_dataset_resizes_only_its_images(tmp_path: Path, monkeypatch) -> None:
+    """A stand-in for CIFAR (no download in tests): the subset is the rows, resized alone, of the whole split."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    stored = {split: SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                     targets=rng.integers(0, 10, n).tolist(), classes=[f"c{i}" for i in range(10)])
+              for split, n in (("train", 30), ("test", 40))}
+    monkeypatch.setattr(data_module, "_torchvision_dataset", lambda name, split, cache, download: stored[split])
+    resized: list[int] = []
+    real_resize = data_module._resize_uint8
+    monkeypatch.setattr(data_module, "_resize_uint8", lambda images, size: resized.append(len(images))
+                        or real_resize(images, size))
+    subset = load_subset("cifar10", "test", 48, limit=6, cache_dir=tmp_path / "cache", progress=False)
+    assert resized == [6] and subset.positions == SUBSET_POSITIONS
+    assert subset.paths == tuple(f"cifar10:test/{i}" for i in SUBSET_POSITIONS)
+    assert subset.labels.tolist() == [stored["test"].targets[i] for i in SUBSET_POSITIONS]
+    whole = load_split("cifar10", "test", 48, cache_dir=tmp_path / "cache", progress=False)  # today's pixels
+    assert torch.equal(subset.images, whole.images[list(SUBSET_POSITIONS)])
 
 
 # -------------------------------------------------------------------------------- evaluating a checkpoint

@@ -4,15 +4,19 @@ a loop written here, the CLI on a tiny checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CLASS_COLORS, write_image_folder
+from PIL import Image
 
+import vitkd.data
 from vitkd.attention import head_masked_logits
-from vitkd.checkpoint import load_checkpoint
+from vitkd.checkpoint import load_checkpoint, save_checkpoint
 from vitkd.cli import main
 from vitkd.data import load_split, normalize
 from vitkd.errors import ConfigError, IncompatibleModelsError
@@ -146,3 +150,38 @@ def test_cli_json(tiny_pair, image_folder: Path, capsys: pytest.CaptureFixture) 
     increases = np.array(report["loss_increase"])
     ranked = [increases[b, h] for b, h in report["ranking"]]
     assert ranked == sorted(ranked, reverse=True)
+
+
+def test_checkpoint_ranking_decodes_only_the_ranked_images(tmp_path: Path, monkeypatch) -> None:
+    """``heads --limit`` decodes the ranked images and nothing else; a test split needs no train/ folder."""
+    root = write_image_folder(tmp_path / "data", seed=4)
+    source, classes = f"imagefolder:{root}", sorted(CLASS_COLORS)
+    torch.manual_seed(0)
+    model = build_model("cifar-student", len(classes), depth=2, num_heads=2, embed_dim=32).eval()
+    with torch.no_grad():  # heads that weigh (timm initialises them near silent)
+        for blk in model.blocks:
+            blk.attn.proj.weight.mul_(30)
+    mean, std = [0.5, 0.45, 0.4], [0.25, 0.2, 0.3]
+    path = save_checkpoint(model, {"class_names": classes, "mean": mean, "std": std, "img_size": 32, "data": source,
+                                   "kind": "teacher", "head_map": None, "metrics": {}}, tmp_path / "m.safetensors")
+    decoded: list[str] = []
+    real_open = vitkd.data.open_rgb
+    monkeypatch.setattr(vitkd.data, "open_rgb", lambda file: decoded.append(str(file)) or real_open(file))
+    cache = str(tmp_path / "cache")
+    # 7 evenly spaced of the 160 train files (every 160/7 = 22.9: 0, 22, 45, 68, 91, 114, 137; 40 per class), by hand
+    ranked = [root / "train" / rel for rel in ("blue/000.png", "blue/022.png", "gray/005.png", "gray/028.png",
+                                                "green/011.png", "green/034.png", "red/017.png")]
+    result = head_importance_checkpoint(path, limit=7, device="cpu", cache_dir=cache)
+    assert decoded == [str(f) for f in ranked]
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in ranked]).astype(np.float64) / 255.0
+    x = torch.from_numpy((pixels - np.array(mean)) / np.array(std)).permute(0, 3, 1, 2).float()
+    direct = head_importance(model, x, torch.tensor([0, 0, 1, 1, 2, 2, 3]))
+    assert np.ptp(direct.masked_loss) > 1e-3  # the heads matter: the comparison means something
+    assert result.n == 7 and result.loss == pytest.approx(direct.loss, rel=1e-5)
+    np.testing.assert_allclose(result.masked_loss, direct.masked_loss, rtol=1e-5)
+    # The test split of a root with no train/: 6 of 40 (every 6.67: 0, 6, 13, 20, 26, 33), by hand.
+    shutil.rmtree(root / "train")
+    decoded.clear()
+    assert head_importance_checkpoint(path, split="test", limit=6, device="cpu", cache_dir=cache).n == 6
+    assert decoded == [str(root / "test" / rel) for rel in ("blue/000.png", "blue/006.png", "gray/003.png",
+                                                            "green/000.png", "green/006.png", "red/003.png")]

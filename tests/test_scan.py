@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -445,5 +446,135 @@ def test_scan_folder_uses_the_cache_for_data_root_splits(pair, tmp_path: Path, m
     (broken / "dog" / "bad.png").write_bytes(b"not an image")
     calls.clear()
     result = scan_folder(teacher, teacher_meta, student, student_meta, broken)
-    assert calls == ["split"] and [Path(p).name for p, _ in result.skipped] == ["bad.png"]
+    # the cached path stops at the file the decoder rejects; the per-file path then lists it as skipped
+    assert calls == ["data", "split"] and [Path(p).name for p, _ in result.skipped] == ["bad.png"]
     assert len(result.rows) == 6
+
+
+# ----------------------------------------------------- what the cached path decodes, and when a scan is stale
+
+# 5 evenly spaced of the 21 files of make_folder(per_class=7) (step 21/5 = 4.2: positions 0, 4, 8, 12, 16;
+# cat 0-6, dog 7-13, frog 14-20), by hand.
+SCANNED = ("cat/0.png", "cat/4.png", "dog/1.png", "dog/5.png", "frog/2.png")
+
+
+def test_scan_decodes_only_the_scanned_images_of_a_root_without_train(pair, tmp_path: Path, monkeypatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """``scan --limit`` decodes those images only, never the train split: a root with only test/ scans."""
+    import vitkd.data
+    from vitkd.cli import main
+
+    teacher, teacher_meta, student, student_meta, _ = pair
+    root = tmp_path / "only_test"
+    folder = make_folder(root / "test")
+    cache = tmp_path / "cache"
+    decoded: list[str] = []
+    real_open = vitkd.data.open_rgb
+    monkeypatch.setattr(vitkd.data, "open_rgb", lambda path: decoded.append(str(path)) or real_open(path))
+    expected = [str(folder / rel) for rel in SCANNED]
+    fast = scan_data(teacher, teacher_meta, student, student_meta, _source(folder), limit=5, cache_dir=cache)
+    assert decoded == expected and [r.path for r in fast.rows] == expected
+    _assert_same_rows(fast, scan_split(teacher, teacher_meta, student, student_meta, folder, limit=5))
+    # A student at another size: the same 5 files decoded again at its size, nothing else.
+    torch.manual_seed(2)
+    big = build_model("cifar-student", 3, img_size=64, patch_size=8, depth=2, num_heads=2, embed_dim=32).eval()
+    decoded.clear()
+    scan_data(teacher, teacher_meta, big, dict(student_meta, img_size=64), _source(folder), limit=5, cache_dir=cache)
+    assert sorted(decoded) == sorted(expected * 2)
+    # The app's path takes the cache for this split, and the CLI scans it.
+    calls = []
+    real_data = vitkd.scan.scan_data
+    monkeypatch.setattr(vitkd.scan, "scan_data", lambda *a, **k: calls.append("data") or real_data(*a, **k))
+    _assert_same_rows(scan_folder(teacher, teacher_meta, student, student_meta, folder, limit=5, cache_dir=cache),
+                      fast)
+    assert calls == ["data"]
+    teacher_path, student_path = make_pair(tmp_path)
+    assert main(["scan", "--teacher", str(teacher_path), "--student", str(student_path), "--data", _source(folder),
+                 "--limit", "5", "--device", "cpu", "--cache-dir", str(cache), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 5 and report["counts"] == fast.counts
+
+
+def _rewrite_png(path: Path, seed: int) -> None:
+    """New pixels in the same file (no entry added or removed, so no folder's mtime moves), a new mtime."""
+    before = path.stat().st_mtime_ns
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def _folder_mtimes(folder: Path) -> list[int]:
+    """What the old scan key saw: the folder's and its class subfolders' mtimes."""
+    return [folder.stat().st_mtime_ns] + [p.stat().st_mtime_ns for p in sorted(folder.iterdir()) if p.is_dir()]
+
+
+def test_app_rescans_after_an_image_is_rewritten_in_place_or_added_in_a_nested_folder(
+        pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from app import common
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    teacher_path, student_path = make_pair(checkpoints)
+    folder = make_folder(tmp_path / "data" / "test", per_class=3)
+    (folder / "cat" / "more").mkdir()  # nested, as rglob and make_dataset read it
+    calls = []
+    real_scan = vitkd.scan.scan_folder
+    monkeypatch.setattr(vitkd.scan, "scan_folder", lambda *a, **k: calls.append(a[4]) or real_scan(*a, **k))
+    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
+    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(checkpoints))
+    monkeypatch.setenv("VITKD_DATA_ROOTS", str(folder.parent))
+    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")
+    st.cache_data.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=60)
+    at.session_state[common.TEACHER_KEY] = str(teacher_path)
+    at.session_state[common.STUDENT_KEY] = str(student_path)
+    at.switch_page("views/misclassified.py")
+    at.run()
+    split = at.selectbox(key="misc_split")
+    split.set_value(next(o for o in split.options if o.startswith("data/test"))).run()
+    at.button[0].click().run()  # Scan
+
+    def images() -> str:
+        assert not at.exception and not at.main.error
+        return next(m.value for m in at.metric if m.label == "Images")
+
+    assert images() == "9" and len(calls) == 1
+    at.run()
+    assert images() == "9" and len(calls) == 1  # nothing changed: the cached scan
+    stamps = _folder_mtimes(folder)
+    _rewrite_png(folder / "dog" / "1.png", seed=5)
+    assert _folder_mtimes(folder) == stamps
+    at.run()
+    assert images() == "9" and len(calls) == 2  # rescanned: the CLI would see the new pixels too
+    Image.open(folder / "cat" / "0.png").save(folder / "cat" / "more" / "extra.png")
+    assert _folder_mtimes(folder) == stamps
+    at.run()
+    assert images() == "10" and len(calls) == 3
+
+
+def test_folder_fingerprint_follows_the_per_file_listing(tmp_path: Path) -> None:
+    """Folders that are not a data root's split (``scan_split``'s listing): nested class folders, flat labelled ones."""
+    plain = make_folder(tmp_path / "plain", per_class=2)
+    (plain / "dog" / "deeper").mkdir()
+    first = vitkd.scan.folder_fingerprint(plain, CLASS_NAMES)
+    assert vitkd.scan.folder_fingerprint(plain, CLASS_NAMES) == first
+    stamps = _folder_mtimes(plain)
+    _rewrite_png(plain / "frog" / "0.png", seed=1)
+    rewritten = vitkd.scan.folder_fingerprint(plain, CLASS_NAMES)
+    Image.open(plain / "cat" / "0.png").save(plain / "dog" / "deeper" / "x.png")
+    assert _folder_mtimes(plain) == stamps
+    assert len({first, rewritten, vitkd.scan.folder_fingerprint(plain, CLASS_NAMES)}) == 3
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.png", "b.png"):
+        (flat / name).write_bytes((plain / "cat" / "1.png").read_bytes())
+    labels = {"a.png": "dog"}
+    first = vitkd.scan.folder_fingerprint(flat, CLASS_NAMES, labels)
+    _rewrite_png(flat / "b.png", seed=2)  # not labelled: not scanned
+    assert vitkd.scan.folder_fingerprint(flat, CLASS_NAMES, labels) == first
+    _rewrite_png(flat / "a.png", seed=3)
+    assert vitkd.scan.folder_fingerprint(flat, CLASS_NAMES, labels) != first

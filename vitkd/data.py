@@ -3,7 +3,8 @@
 The training loop never runs per-image PIL code: a split is a ``[N, 3, H, W]`` uint8 tensor,
 batches are index gathers, and augmentation is a few tensor ops on the whole batch, driven
 by an explicit ``torch.Generator`` seeded from (seed, epoch) so that resumed runs replay
-exactly the same batches.
+exactly the same batches. Scans and head rankings read ``load_subset`` instead: only the images
+they use, and no train statistics (they normalise with the checkpoint's).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from .decode import DECODER_VERSION, IMAGE_EXTENSIONS, open_rgb, resize_center_c
 from .errors import ConfigError
 from .files import atomic_target
 
-__all__ = ["ImageTensors", "load_split", "split_class_names", "augment_batch", "iterate_batches", "normalize",
-           "evenly_spaced", "check_subset_options",
+__all__ = ["ImageTensors", "SplitSubset", "load_split", "load_subset", "split_class_names", "augment_batch",
+           "iterate_batches", "normalize", "evenly_spaced", "check_subset_options", "list_image_folder",
+           "listing_fingerprint", "source_version",
            "default_cache_dir", "resize_center_crop", "AUGMENT_POLICIES"]
 
 AUGMENT_POLICIES = ("none", "basic", "strong")
@@ -47,6 +49,26 @@ class ImageTensors:
     class_names: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    source: str
+    split: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class SplitSubset:
+    """Images of a split at ``positions`` (its file order) with their ``paths``, and no mean/std.
+
+    What a scan or a head ranking reads: they normalise with the checkpoint's statistics, so they
+    never need the train split. ``paths`` are ``SOURCE:SPLIT/i`` for torchvision datasets.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    positions: tuple[int, ...]
+    paths: tuple[str, ...]
     source: str
     split: str
 
@@ -97,7 +119,8 @@ def _folder_classes(split_dir: Path) -> list[str]:
         raise ConfigError(f"cannot read image folder {split_dir}: {exc}") from exc
 
 
-def _list_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
+def list_image_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples, classes)`` as torchvision's ``ImageFolder`` lists them: (path, class index), sorted classes."""
     from torchvision.datasets.folder import make_dataset
 
     classes = _folder_classes(split_dir)
@@ -108,7 +131,7 @@ def _list_folder(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
-def _folder_fingerprint(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
+def listing_fingerprint(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
     """Hash of what the folder holds now: every file's path, label, size and mtime (ns); contents unread."""
     digest = hashlib.sha256(json.dumps([str(split_dir.resolve()), classes]).encode())
     try:
@@ -195,11 +218,22 @@ def _cache_entry(source: str, split: str, img_size: int, cache: Path) -> _Entry:
         # torchvision checks its files' md5 sums, so the name alone pins the content.
         return _Entry(_cache_path(cache, source, split, img_size, source), [], [], None)
     split_dir = _folder_split(source, split)
-    samples, classes = _list_folder(split_dir)
+    samples, classes = list_image_folder(split_dir)
     if not samples:
         raise ConfigError(f"no images found under {split_dir}")
-    fingerprint = _folder_fingerprint(split_dir, samples, classes)
+    fingerprint = listing_fingerprint(split_dir, samples, classes)
     return _Entry(_cache_path(cache, source, split, img_size, fingerprint), samples, classes, split_dir)
+
+
+def source_version(source: str, split: str) -> str:
+    """What ``split`` of ``source`` holds now, for keying results computed from it: an image folder's
+    ``listing_fingerprint`` (listed and stat'ed, never read); a torchvision dataset's name (its files are
+    checked against md5 sums, so the name pins them)."""
+    _check_source(source, split)
+    if not source.startswith("imagefolder:"):
+        return source
+    split_dir = _folder_split(source, split)
+    return listing_fingerprint(split_dir, *list_image_folder(split_dir))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -251,17 +285,9 @@ def split_class_names(source: str, split: str, cache_dir: str | Path | None = No
     return tuple(_torchvision_dataset(source, split, cache, download).classes)
 
 
-def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | None = None,
-               download: bool = False, progress: bool = True) -> ImageTensors:
-    """Load ``train`` or ``test`` of ``cifar10``, ``cifar100`` or ``imagefolder:PATH`` at ``img_size``.
-
-    The decoded tensor is cached under ``cache_dir``, keyed by source, split, size, decoder version
-    and every file's path, size and mtime, so the second load is a file read and any change on
-    disk rebuilds it. Mean/std always come from the train split as it is now.
-    """
-    _check_source(source, split)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = _cache_entry(source, split, img_size, cache)
+def _load_whole(source: str, split: str, img_size: int, cache: Path, download: bool, progress: bool,
+                entry: _Entry) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
+    """The whole split from its cache entry, decoded and cached on a miss (train: with its mean/std in the header)."""
     cached = _read_cache(entry.path, split)
     if cached is not None:
         images, labels, meta = cached
@@ -285,11 +311,102 @@ def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | N
         for stale in entry.path.parent.glob(f"{slot}-*.safetensors"):  # earlier versions of this data
             if stale != entry.path:
                 stale.unlink(missing_ok=True)
+    return images, labels, classes, meta
+
+
+def load_split(source: str, split: str, img_size: int, cache_dir: str | Path | None = None,
+               download: bool = False, progress: bool = True) -> ImageTensors:
+    """Load ``train`` or ``test`` of ``cifar10``, ``cifar100`` or ``imagefolder:PATH`` at ``img_size``.
+
+    The decoded tensor is cached under ``cache_dir``, keyed by source, split, size, decoder version
+    and every file's path, size and mtime, so the second load is a file read and any change on
+    disk rebuilds it. Mean/std always come from the train split as it is now.
+    """
+    _check_source(source, split)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = _cache_entry(source, split, img_size, cache)
+    images, labels, classes, meta = _load_whole(source, split, img_size, cache, download, progress, entry)
     if split == "train":
         mean, std = _stats_from(meta)
     else:
         mean, std = _train_stats(source, img_size, cache, download, progress)
     return ImageTensors(images, labels, tuple(classes), mean, std, source, split)
+
+
+_Rows = tuple[torch.Tensor, torch.Tensor, list[str], list[int]]
+
+
+def _cached_rows(path: Path, limit: int) -> _Rows | None:
+    """The rows ``evenly_spaced`` keeps of a cached split, read row by row (a subset never reads the whole
+    tensor); None when there is no cache. A broken file is deleted, as ``_read_cache`` does."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            classes = list(json.loads(handle.metadata()["meta"])["classes"])
+            labels = handle.get_tensor("labels")
+            positions = evenly_spaced(len(labels), limit)
+            if len(positions) == len(labels):
+                images = handle.get_tensor("images")
+            else:
+                stored = handle.get_slice("images")
+                images = torch.cat([stored[i:i + 1] for i in positions])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    return images, labels[positions], classes, positions
+
+
+def _decode_subset(source: str, split: str, img_size: int, cache: Path, download: bool, progress: bool,
+                   entry: _Entry, limit: int) -> _Rows | None:
+    """The rows ``evenly_spaced`` keeps, decoded on their own and never cached (the cache holds whole splits
+    only); None when they are the whole split."""
+    if entry.samples:
+        positions = evenly_spaced(len(entry.samples), limit)
+        if len(positions) == len(entry.samples):
+            return None
+        images, labels = _decode_folder([entry.samples[i] for i in positions], img_size,
+                                        f"decode {entry.split_dir}", progress)
+        return images, labels, entry.classes, positions
+    images, labels, classes = _load_torchvision(source, split, cache, download)  # stored whole: read whole
+    positions = evenly_spaced(len(labels), limit)
+    if len(positions) == len(labels):
+        return None
+    picks = torch.tensor(positions, dtype=torch.long)
+    images, labels = images[picks], labels[picks]
+    if images.shape[-1] != img_size:  # only the kept images are resized
+        images = _resize_uint8(images, img_size)
+    return images, labels, classes, positions
+
+
+def load_subset(source: str, split: str, img_size: int, limit: int | None = None,
+                cache_dir: str | Path | None = None, download: bool = False, progress: bool = True) -> SplitSubset:
+    """The ``evenly_spaced(len(split), limit)`` images of a split (``limit`` None: all), without train statistics.
+
+    Only those images are read: rows of the split's current cache when there is one, else only those
+    files are decoded (torchvision: only those images resized), and nothing is cached, so a subset can
+    never pass for the whole split. The whole split goes through ``load_split``'s cache, as eval's does.
+    Never touches the train split unless ``split`` is train, so a root with only test/ works.
+    """
+    _check_source(source, split)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be positive, got {limit}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = _cache_entry(source, split, img_size, cache)
+    rows = None
+    if limit is not None:
+        rows = _cached_rows(entry.path, limit)
+        if rows is None:
+            rows = _decode_subset(source, split, img_size, cache, download, progress, entry, limit)
+    if rows is None:
+        images, labels, classes, _ = _load_whole(source, split, img_size, cache, download, progress, entry)
+        positions = list(range(len(labels)))
+    else:
+        images, labels, classes, positions = rows
+    # The cache key is the listing's fingerprint, so cached rows are these files too.
+    paths = ([str(Path(entry.samples[i][0])) for i in positions] if entry.samples
+             else [f"{source}:{split}/{i}" for i in positions])
+    return SplitSubset(images, labels, tuple(classes), tuple(positions), tuple(paths), source, split)
 
 
 def check_subset_options(batch_size: int, limit: int | None) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .attention import capture_attention, check_supported, head_masked_logits
 from .checkpoint import load_checkpoint
-from .data import ImageTensors, check_subset_options, evenly_spaced, load_split, normalize
+from .data import check_subset_options, load_subset, normalize
 from .errors import ConfigError, IncompatibleModelsError
 from .evaluation import check_data_classes
 from .pairs import model_img_size, norm_stats
@@ -135,24 +135,19 @@ def head_importance(model: torch.nn.Module, images: torch.Tensor, labels: torch.
                           (masked_loss / n).numpy(), n)
 
 
-def _split_images(split: ImageTensors, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    picks = torch.tensor(evenly_spaced(len(split), limit), dtype=torch.long)
-    return split.images[picks], split.labels[picks]
-
-
 def head_importance_checkpoint(path: str | Path, data: str | None = None, split: str = "train",
                                limit: int | None = 1000, batch_size: int = 256, device: str = "auto",
                                cache_dir: str | None = None,
                                progress: Callable[[int, int], None] | None = None) -> HeadImportance:
     """``head_importance`` of a checkpoint on ``limit`` evenly spaced images of a split of its data.
 
-    The data's classes must be the checkpoint's (``ConfigError`` before any image is decoded).
+    The data's classes must be the checkpoint's (``ConfigError`` before any image is decoded). Only the
+    ranked images are decoded (``load_subset``), and no train statistics are needed: the model's are used.
     """
     check_subset_options(batch_size, limit)
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     source = check_data_classes(path, model, meta, data, split, cache_dir)
-    loaded = load_split(source, split, model_img_size(model, meta), cache_dir, progress=False)
-    images, labels = _split_images(loaded, limit)
+    subset = load_subset(source, split, model_img_size(model, meta), limit, cache_dir, progress=False)
     # normalised per batch with the statistics the model was trained with, not the split's
-    return head_importance(model, images, labels, batch_size, progress, mean_std=norm_stats(meta))
+    return head_importance(model, subset.images, subset.labels, batch_size, progress, mean_std=norm_stats(meta))

@@ -8,11 +8,12 @@ tokens differ (a DeiT student with a distillation token against a plain teacher)
 patch grids differ are compared on the coarser grid: the finer model's rollout row is resampled
 onto it (``vitkd.agreement.patches_on_grid``, area averaging as in ``vitkd.resample``).
 
-Two paths give the same rows: ``scan_data`` reads a split from the decoded-image cache
-(``vitkd.data.load_split``, what ``eval`` and training read) and runs both models in batches;
-``scan_split`` decodes any folder of images file by file (flat folders with labels, the
-bundled examples). ``scan_folder`` picks the cached path whenever ``load_split`` can read the
-folder, and ``scan_checkpoints`` is what ``python -m vitkd scan`` calls.
+Two paths give the same rows: ``scan_data`` reads a split through the decoded-image cache
+(``vitkd.data.load_subset``: the cache ``eval`` and training read, only the images a limit keeps,
+no train split needed) and runs both models in batches; ``scan_split`` decodes any folder of
+images file by file (flat folders with labels, the bundled examples). ``scan_folder`` picks the
+cached path whenever the folder is a data root's split, and ``scan_checkpoints`` is what
+``python -m vitkd scan`` calls. ``folder_fingerprint`` says when a folder's scan may have changed.
 """
 
 from __future__ import annotations
@@ -31,14 +32,24 @@ from PIL import Image, UnidentifiedImageError
 from .agreement import js_divergence, patches_on_grid
 from .attention import TokenLayout, capture_attention, token_layout
 from .checkpoint import load_checkpoint
-from .data import ImageTensors, check_subset_options, evenly_spaced, load_split, normalize, split_class_names
+from .data import (
+    ImageTensors,
+    SplitSubset,
+    check_subset_options,
+    evenly_spaced,
+    list_image_folder,
+    listing_fingerprint,
+    load_subset,
+    normalize,
+    split_class_names,
+)
 from .decode import IMAGE_EXTENSIONS, open_rgb, resize_center_crop
 from .errors import ConfigError, IncompatibleModelsError
 from .files import write_text_atomic
 from .pairs import coarser_grid, model_img_size, names_preview, norm_stats
 
 __all__ = ["GROUPS", "GROUP_TITLES", "ScanRow", "ScanResult", "list_labelled_images", "scan_split", "scan_data",
-           "scan_folder", "scan_checkpoints", "cached_split_of", "split_folders"]
+           "scan_folder", "scan_checkpoints", "cached_split_of", "split_folders", "folder_fingerprint"]
 
 GROUPS: tuple[str, ...] = ("teacher_right_student_wrong", "student_right_teacher_wrong", "both_wrong", "both_right")
 GROUP_TITLES: Mapping[str, str] = {
@@ -365,48 +376,63 @@ def _check_data_classes(class_names: Sequence[str], data_names: Sequence[str], s
                           f"{names_preview(tuple(data_names))}: scan the data the models were trained on")
 
 
+def _subset_of(data: ImageTensors, limit: int | None) -> SplitSubset:
+    """The images ``limit`` keeps of an already loaded split, with their files (``_split_paths``)."""
+    positions = evenly_spaced(len(data), limit)
+    paths = _split_paths(data)
+    picks = torch.tensor(positions, dtype=torch.long)
+    return SplitSubset(data.images[picks], data.labels[picks], data.class_names, tuple(positions),
+                       tuple(paths[i] for i in positions), data.source, data.split)
+
+
 def scan_data(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
               student_meta: Mapping[str, Any], data: ImageTensors | str, split: str = "test",
               batch_size: int = 1024, limit: int | None = None, cache_dir: str | Path | None = None,
               progress: Callable[[int, int], None] | None = None) -> ScanResult:
     """Classify every image of a split read from the decoded-image cache: what ``eval`` reads, no PIL per image.
 
-    ``data`` is a loaded split or a ``load_split`` source (``imagefolder:PATH``, ``cifar10``, ...; then
-    ``split`` picks train or test). A model whose ``img_size`` is not the loaded size gets the same
-    split loaded at its size. The data's class names must be the models', in order. Rows are in the
-    split's file order with the file path of each image; ``limit`` keeps evenly spaced images. Each
-    model is normalised with its own training mean/std and captured in cache-sized chunks;
-    ``progress(images done, total)`` is called after each batch of ``batch_size``.
+    ``data`` is a loaded split or a ``load_subset`` source (``imagefolder:PATH``, ``cifar10``, ...; then
+    ``split`` picks train or test, and only the images ``limit`` keeps are decoded). A model whose
+    ``img_size`` is not the loaded size gets the same images loaded at its size. The data's class names
+    must be the models', in order. Rows are in the split's file order with the file path of each image;
+    ``limit`` keeps evenly spaced images. Each model is normalised with its own training mean/std and
+    captured in cache-sized chunks; ``progress(images done, total)`` is called after each batch of
+    ``batch_size``.
     """
     class_names, t_layout, s_layout = _check_models(teacher, teacher_meta, student, student_meta)
     check_subset_options(batch_size, limit)
     if isinstance(data, str):
         _check_data_classes(class_names, split_class_names(data, split, cache_dir), data, split)
-        data = load_split(data, split, model_img_size(teacher, teacher_meta), cache_dir, progress=False)
-    _check_data_classes(class_names, data.class_names, data.source, data.split)
-    by_size = {}
-    for size in {model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)}:
-        by_size[size] = data if data.images.shape[-1] == size else load_split(data.source, data.split, size,
-                                                                              cache_dir, progress=False)
-        if not torch.equal(by_size[size].labels, data.labels):
-            raise ConfigError(f"{data.source} {data.split} changed while it was being scanned; run the scan again")
-    paths = _split_paths(data)
-    keep = torch.tensor(evenly_spaced(len(data), limit), dtype=torch.long)
-    labels = data.labels[keep].tolist()
+        source, loaded = data, None
+    else:
+        _check_data_classes(class_names, data.class_names, data.source, data.split)
+        source, split, loaded = data.source, data.split, data
+    by_size: dict[int, SplitSubset] = {}
+    for size in (model_img_size(teacher, teacher_meta), model_img_size(student, student_meta)):
+        if size in by_size:
+            continue
+        if loaded is not None and loaded.images.shape[-1] == size:
+            by_size[size] = _subset_of(loaded, limit)
+        else:
+            by_size[size] = load_subset(source, split, size, limit, cache_dir, progress=False)
+        _check_data_classes(class_names, by_size[size].class_names, source, split)
+    first, *others = by_size.values()
+    if any(other.paths != first.paths or not torch.equal(other.labels, first.labels) for other in others):
+        raise ConfigError(f"{source} {split} changed while it was being scanned; run the scan again")
+    labels = first.labels.tolist()
     rows: list[ScanRow] = []
-    total = len(keep)
+    total = len(first)
     for start in range(0, total, batch_size):
-        idx = keep[start:start + batch_size]
-        images = {size: split_data.images[idx] for size, split_data in by_size.items()}
+        images = {size: subset.images[start:start + batch_size] for size, subset in by_size.items()}
         rows.extend(_score(teacher, teacher_meta, t_layout, student, student_meta, s_layout, images,
-                           labels[start:start + batch_size], [paths[i] for i in idx.tolist()], class_names))
+                           labels[start:start + batch_size], first.paths[start:start + batch_size], class_names))
         if progress is not None:
             progress(min(start + batch_size, total), total)
     return _result(rows, class_names)
 
 
 def cached_split_of(folder: str | Path) -> tuple[str, str] | None:
-    """``(source, split)`` when ``load_split(source, split)`` reads exactly ``folder``, else None.
+    """``(source, split)`` when ``load_subset(source, split)`` reads exactly ``folder``, else None.
 
     That is ``ROOT/train`` (split train), ``ROOT/test``, and ``ROOT/val`` when ``ROOT`` has no ``test``.
     """
@@ -423,7 +449,7 @@ def scan_folder(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], stude
                 student_meta: Mapping[str, Any], folder: str | Path, labels: Mapping[str, str | int] | None = None,
                 limit: int | None = None, cache_dir: str | Path | None = None,
                 progress: Callable[[int, int], None] | None = None) -> ScanResult:
-    """``scan_data`` when ``folder`` is a split ``load_split`` reads whose classes are the models', else ``scan_split``.
+    """``scan_data`` when ``folder`` is a data root's split whose classes are the models', else ``scan_split``.
 
     So a data root's split gives the rows ``python -m vitkd scan --data imagefolder:ROOT`` gives. A split
     that cannot be cached (a file the decoder rejects, an unwritable cache) is scanned file by file,
@@ -434,13 +460,33 @@ def scan_folder(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], stude
         class_names = _check_models(teacher, teacher_meta, student, student_meta)[0]
         try:
             if split_class_names(*source, cache_dir=cache_dir) == class_names:
-                data = load_split(*source, model_img_size(teacher, teacher_meta), cache_dir, progress=False)
-                return scan_data(teacher, teacher_meta, student, student_meta, data, limit=limit,
-                                 cache_dir=cache_dir, progress=progress)
+                return scan_data(teacher, teacher_meta, student, student_meta, source[0], split=source[1],
+                                 limit=limit, cache_dir=cache_dir, progress=progress)
         except (ConfigError, OSError):
             pass  # not cacheable as it is: the per-image path reports what is wrong, file by file
     return scan_split(teacher, teacher_meta, student, student_meta, folder, labels=labels, limit=limit,
                       progress=progress)
+
+
+def folder_fingerprint(folder: str | Path, class_names: Sequence[str],
+                       labels: Mapping[str, str | int] | None = None) -> str:
+    """Hash of the listing ``scan_folder`` reads for ``folder``: each file's path, label, size and mtime (ns).
+
+    Adding, removing or rewriting an image anywhere the scan looks (nested folders too) changes it, so a
+    scan cached under it is never stale; files are listed and stat'ed, never read. The listing is the
+    cached path's (``vitkd.data``'s, whose fingerprint keys the decode cache) when ``scan_folder`` takes
+    that path, else ``list_labelled_images``'s (raising what the scan would raise).
+    """
+    folder = Path(folder)
+    if labels is None and cached_split_of(folder) is not None:
+        try:
+            samples, classes = list_image_folder(folder)
+        except ConfigError:
+            samples, classes = [], []
+        if samples and tuple(classes) == tuple(class_names):
+            return listing_fingerprint(folder, samples, classes)
+    items = list_labelled_images(folder, class_names, labels)
+    return listing_fingerprint(folder, [(str(path), label) for path, label in items], list(class_names))
 
 
 def scan_checkpoints(teacher_path: str | Path, student_path: str | Path, data: str, split: str = "test",

@@ -4,7 +4,7 @@ Widgets only; the scan is ``vitkd.scan.scan_folder``: a data root's split (``ROO
 the decoded-image cache, as ``python -m vitkd scan --data imagefolder:ROOT`` reads it (same rows),
 and any other folder file by file. Splits come from the server's configured data roots (never a
 path typed in the browser). A scan is cached per (model file versions,
-folder version, limit), so coming back to a split is instant. Per-user state: ``misc_*`` keys.
+fingerprint of every file the scan lists, limit), so coming back to a split is instant. Per-user state: ``misc_*`` keys.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import streamlit as st
 from app import common
 from vitkd.errors import VitkdError
 from vitkd.pairs import ModelPair
-from vitkd.scan import GROUP_TITLES, GROUPS, ScanResult, ScanRow, scan_folder, split_folders
+from vitkd.scan import GROUP_TITLES, GROUPS, ScanResult, ScanRow, folder_fingerprint, scan_folder, split_folders
 
 GALLERY_COLUMNS = 6
 GALLERY_MAX = 36  # thumbnails per group; the table and the CSV hold every image
@@ -48,16 +48,14 @@ def split_choices(config: common.ServerConfig,
     return choices
 
 
-def folder_version(folder: str) -> tuple[int, ...]:
-    """Modification times of the folder and its class subfolders: adding or removing an image changes one."""
-    path = Path(folder)
-    stamps = [path.stat().st_mtime_ns]
-    stamps += [p.stat().st_mtime_ns for p in sorted(path.iterdir()) if p.is_dir()]
-    return tuple(stamps)
+def folder_version(folder: str, class_names: Sequence[str], labels_json: str | None) -> str:
+    """``folder_fingerprint`` of the listing the scan reads: an image added (nested folders too), removed or
+    overwritten in place changes it, where folder mtimes miss the last two."""
+    return folder_fingerprint(folder, class_names, json.loads(labels_json) if labels_json else None)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def scan_cached(pair_key: str, folder: str, version: tuple[int, ...], labels_json: str | None, limit: int,
+def scan_cached(pair_key: str, folder: str, version: str, labels_json: str | None, limit: int,
                 _pair: ModelPair) -> ScanResult:
     """``scan_folder`` once per (model file versions, folder version, labels, limit); models are passed unhashed.
 
@@ -171,7 +169,8 @@ def main() -> None:
         st.caption("Press **Scan** to classify the images with both models.")
         return
     try:
-        result = scan_cached(status.key, folder, folder_version(folder), labels_json, int(limit), status.pair)
+        version = folder_version(folder, status.pair.class_names, labels_json)
+        result = scan_cached(status.key, folder, version, labels_json, int(limit), status.pair)
     except (VitkdError, OSError) as exc:
         st.error(common.escape_markdown(common.redact_paths(str(exc))))
         return
