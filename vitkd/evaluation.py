@@ -12,7 +12,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import load_split, split_class_names
 from .errors import ConfigError
-from .pairs import names_preview
+from .pairs import model_img_size, names_preview, norm_stats
 from .train import evaluate, resolve_device
 
 __all__ = ["evaluate_checkpoint", "check_data_classes"]
@@ -28,11 +28,11 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = 
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     source = check_data_classes(path, model, meta, data, split, cache_dir)
-    split_data = load_split(source, split, int(meta.get("img_size") or model.patch_embed.img_size[0]), cache_dir,
-                            progress=False)
-    # Normalise with the statistics the model was trained with, not the split's.
-    split_data = dataclasses.replace(split_data, mean=tuple(meta.get("mean", split_data.mean)),
-                                     std=tuple(meta.get("std", split_data.std)))
+    split_data = load_split(source, split, model_img_size(model, meta), cache_dir, progress=False)
+    # Normalise as the model was trained (recorded, else norm_stats' fallback), not with the split's statistics:
+    # the rule scan, heads and the app use too.
+    mean, std = norm_stats(meta)
+    split_data = dataclasses.replace(split_data, mean=mean, std=std)
     metrics = evaluate(model, split_data, batch_size, dev)
     return {"checkpoint": str(path), "data": source, "split": split, **metrics}
 

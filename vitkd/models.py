@@ -37,7 +37,7 @@ from .sl_layers import LocalitySelfAttention, ShiftedPatchTokenization
 __all__ = ["ModelConfig", "PRESETS", "DISTILLED_PRESETS", "build_model", "count_parameters", "describe_model",
            "model_config", "default_img_size", "has_distillation_token", "SL_KEYS", "ARCHITECTURE_KEYS",
            "OVERRIDE_LIMITS", "TIMM_PREFIX", "resolve_model_name", "parse_model_overrides", "format_model_overrides",
-           "check_model_overrides", "WEIGHT_FILE_SUFFIXES"]
+           "check_model_overrides", "WEIGHT_FILE_SUFFIXES", "default_norm_stats", "UNRECORDED_NORM"]
 
 # Presets are data: keyword arguments for timm's VisionTransformer.
 _SEED_COMMON = dict(img_size=32, patch_size=8, embed_dim=64, drop_rate=0.1, proj_drop_rate=0.1, qkv_bias=True)
@@ -419,6 +419,23 @@ def describe_model(model: VisionTransformer) -> dict[str, Any]:
         "spt": isinstance(model.patch_embed, ShiftedPatchTokenization),
         "lsa": any(isinstance(blk.attn, LocalitySelfAttention) for blk in model.blocks),
     }
+
+
+UNRECORDED_NORM: tuple[float, float, float] = (0.5, 0.5, 0.5)  # timm's VisionTransformer mean and std
+
+
+def default_norm_stats(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """timm's input mean and std for a model name (its pretrained config's); ``UNRECORDED_NORM`` for a
+    preset or a name timm has no config for. What a checkpoint without recorded statistics is fed."""
+    if isinstance(name, str) and name not in PRESETS:
+        try:
+            cfg = timm.get_pretrained_cfg(name)
+        except (RuntimeError, ValueError, TypeError, AttributeError):
+            cfg = None
+        mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return UNRECORDED_NORM, UNRECORDED_NORM
 
 
 def default_img_size(name: str) -> int:

@@ -23,10 +23,10 @@ from .attention import TokenLayout, token_layout
 from .checkpoint import load_checkpoint
 from .errors import ConfigError, IncompatibleModelsError
 from .headmap import HeadMap
-from .models import describe_model, format_model_overrides, has_distillation_token
+from .models import default_norm_stats, describe_model, format_model_overrides, has_distillation_token
 
-__all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats", "names_preview",
-           "coarser_grid", "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
+__all__ = ["ModelPair", "check_pair", "load_pair", "model_summary", "model_img_size", "norm_stats",
+           "names_preview", "coarser_grid", "shared_tokens", "restrict_tokens", "training_recipe", "describe_recipe"]
 
 
 def model_img_size(model: torch.nn.Module, meta: Mapping[str, Any]) -> int:
@@ -41,8 +41,27 @@ def _class_names(model: torch.nn.Module, meta: Mapping[str, Any]) -> tuple[str, 
 
 
 def norm_stats(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    # vitkd checkpoints always record these; 0.5 is timm's default for ViTs without them.
-    return tuple(meta.get("mean") or (0.5, 0.5, 0.5)), tuple(meta.get("std") or (0.5, 0.5, 0.5))
+    """The per-channel mean and std (of [0, 1] pixels) a checkpoint's model takes its input normalised with.
+
+    The one rule for every reader: ``eval``, ``scan``, ``heads`` and the app all normalise by it, so they
+    report the same accuracy for the same checkpoint. A recorded ``mean``/``std`` is used as it is
+    (``vitkd.checkpoint`` has checked it: 3 finite numbers, a positive std). vitkd training always
+    records its training split's statistics, so a field that is absent or ``null`` comes from a file
+    written some other way (a hand conversion, a timm export), and each missing field falls back to
+    what timm itself normalises that model with: for a timm model name, its pretrained config's
+    mean/std (what ``timm.data.resolve_data_config`` uses, from-scratch training included:
+    0.5 for ``vit_*``, ImageNet's for ``deit_*``, CLIP's for ``eva02_*``); for a vitkd preset (or a
+    name timm has no config for), 0.5/0.5 (``vitkd.models.UNRECORDED_NORM``), the mean and std of timm's own
+    ViT configs. Not the data's statistics: only training has the training split at hand, while
+    ``scan``, ``heads`` and the app work from an image folder, so they could not agree on them.
+    """
+    mean, std = meta.get("mean"), meta.get("std")
+    if mean is None or std is None:
+        record = meta.get("model")
+        default_mean, default_std = default_norm_stats(record.get("name") if isinstance(record, Mapping) else None)
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _describe_layout(layout: TokenLayout) -> str:

@@ -45,6 +45,7 @@ from .distill import (
 from .errors import ConfigError, IncompatibleModelsError, VitkdError
 from .headmap import HeadMap, parse_head_map
 from .models import build_model, check_model_overrides, count_parameters, default_img_size, has_distillation_token
+from .pairs import norm_stats
 from .resample import check_resamplable, resample_attention, token_resample_matrix
 from .rundir import RunDir
 
@@ -404,9 +405,9 @@ def _make_optimizer(student: torch.nn.Module, config: TrainConfig) -> torch.opti
 
 def _teacher_inputs(train_data: ImageTensors, teacher_meta: Mapping[str, Any]) -> Callable[[torch.Tensor],
                                                                                               torch.Tensor]:
-    """Re-normalise batches (normalised with the data's mean/std) with the teacher's recorded mean/std."""
+    """Re-normalise batches (normalised with the data's mean/std) as the teacher takes them (``norm_stats``)."""
     data_mean, data_std = tuple(train_data.mean), tuple(train_data.std)
-    t_mean, t_std = tuple(teacher_meta.get("mean") or data_mean), tuple(teacher_meta.get("std") or data_std)
+    t_mean, t_std = norm_stats(teacher_meta)
     if (t_mean, t_std) == (data_mean, data_std):
         return lambda images: images
     scale = torch.tensor(data_std) / torch.tensor(t_std)
