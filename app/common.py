@@ -162,14 +162,19 @@ class CheckpointEntry:
 
     path: str
     label: str
-    mtime: float
+    version: str  # file_version(): keys every cache of what was read from it
     meta: dict[str, Any] | None
     error: str | None
 
 
+def file_version(stat: os.stat_result) -> str:
+    """mtime (ns), size and inode: a file replaced with its mtime kept (``cp -p``, ``rsync -a``) still differs."""
+    return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
+
+
 @st.cache_data(max_entries=512, show_spinner=False)
-def _read_meta(path: str, mtime: float, size: int) -> tuple[dict[str, Any] | None, str | None]:
-    """Header-only read, cached per file version (mtime, size); errors are returned so they are cached too."""
+def _read_meta(path: str, version: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Header-only read, cached per file version; errors are returned so they are cached too."""
     try:
         return read_checkpoint_meta(path), None
     except VitkdError as exc:
@@ -208,10 +213,11 @@ def list_checkpoints(config: ServerConfig | None = None) -> list[CheckpointEntry
         try:
             stat = path.stat()
         except OSError as exc:
-            entries.append(CheckpointEntry(str(path), label, 0.0, None, f"{path}: cannot read ({exc})"))
+            entries.append(CheckpointEntry(str(path), label, "", None, f"{path}: cannot read ({exc})"))
             continue
-        meta, error = _read_meta(str(path), stat.st_mtime, stat.st_size)
-        entries.append(CheckpointEntry(str(path), label, stat.st_mtime, meta, error))
+        version = file_version(stat)
+        meta, error = _read_meta(str(path), version)
+        entries.append(CheckpointEntry(str(path), label, version, meta, error))
     return entries
 
 
@@ -254,15 +260,15 @@ def _device() -> str:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def load_model(path: str, mtime: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(path: str, version: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A checkpoint loaded once per process (per file version); shared by all sessions: never mutate it."""
     return load_checkpoint(path, device=_device())
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _load_pair(teacher_path: str, teacher_mtime: float, student_path: str, student_mtime: float) -> ModelPair:
-    teacher, teacher_meta = load_model(teacher_path, teacher_mtime)
-    student, student_meta = load_model(student_path, student_mtime)
+def _load_pair(teacher_path: str, teacher_version: str, student_path: str, student_version: str) -> ModelPair:
+    teacher, teacher_meta = load_model(teacher_path, teacher_version)
+    student, student_meta = load_model(student_path, student_version)
     return check_pair(teacher, teacher_meta, student, student_meta)
 
 
@@ -280,7 +286,7 @@ class PairStatus:
         """Identifies the pair's file versions (for ``st.cache_data`` keys)."""
         if self.teacher is None or self.student is None:
             return ""
-        return f"{self.teacher.path}@{self.teacher.mtime}|{self.student.path}@{self.student.mtime}"
+        return f"{self.teacher.path}@{self.teacher.version}|{self.student.path}@{self.student.version}"
 
 
 def _selection(usable: Sequence[CheckpointEntry]) -> tuple[CheckpointEntry, CheckpointEntry]:
@@ -298,9 +304,12 @@ def pair_status() -> PairStatus:
         return PairStatus(None, None, None, "no readable checkpoints found")
     teacher, student = _selection(usable)
     try:
-        pair = _load_pair(teacher.path, teacher.mtime, student.path, student.mtime)
+        pair = _load_pair(teacher.path, teacher.version, student.path, student.version)
     except VitkdError as exc:
         return PairStatus(teacher, student, None, str(exc))
+    except Exception as exc:  # a bug or a file no check foresaw: a message on the page, not a traceback
+        _log.exception("loading the pair %s / %s failed", teacher.path, student.path)
+        return PairStatus(teacher, student, None, f"cannot load this pair ({type(exc).__name__}: {exc})")
     return PairStatus(teacher, student, pair, None)
 
 
@@ -360,9 +369,10 @@ RANK_BATCH_SIZE = 32
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def head_importance_cached(path: str, mtime: float, source: str, limit: int) -> HeadImportance:
+def head_importance_cached(path: str, version: str, source: str, data_version: str, limit: int) -> HeadImportance:
     """``head_importance_checkpoint`` on ``limit`` training images of ``source`` (a configured one), once per
-    (checkpoint version, source, limit). The bar lives here so a cache hit replays it (it ends empty)."""
+    (checkpoint version, source and what its train split holds, limit). The bar lives here so a cache hit
+    replays it (it ends empty)."""
     bar = st.progress(0.0, text="Reading the training images...")
 
     def progress(done: int, total: int) -> None:
@@ -595,7 +605,7 @@ def render_sidebar() -> PairStatus:
         # The pair failed (incompatible or unreadable); still describe what loads so users see why.
         for role, entry in (("Teacher", status.teacher), ("Student", status.student)):
             try:
-                model, meta = load_model(entry.path, entry.mtime)
+                model, meta = load_model(entry.path, entry.version)
             except VitkdError:
                 continue
             with sidebar.expander(f"{role} summary"):

@@ -177,7 +177,7 @@ def test_default_pair_prefers_the_cifar10_teacher_and_its_distilled_student() ->
 
     def entry(name: str, classes: list[str]) -> CheckpointEntry:
         meta = {"class_names": classes, "img_size": 32, "head_map": None}
-        return CheckpointEntry(f"/ckpt/{name}.safetensors", f"checkpoints/{name}", 0.0, meta, None)
+        return CheckpointEntry(f"/ckpt/{name}.safetensors", f"checkpoints/{name}", "", meta, None)
 
     nette = [entry(f"imagenette-{role}", ["tench"]) for role in ("student-distilled", "teacher", "student-baseline")]
     cifar = [entry(f"cifar10-{role}", ["cat"]) for role in ("student-baseline", "teacher")]

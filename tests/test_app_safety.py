@@ -387,6 +387,8 @@ def test_forged_metadata_is_skipped_on_every_page(monkeypatch: pytest.MonkeyPatc
     save_file(tensors, str(folder / "typed-student.safetensors"),
               metadata={"vitkd": json.dumps(dict(meta, class_names=5, head_map=5, img_size=100_000))})
     save_file(tensors, str(folder / "nested-student.safetensors"), metadata={"vitkd": "[" * 50_000 + "]" * 50_000})
+    save_file(tensors, str(folder / "listed-student.safetensors"),
+              metadata={"vitkd": json.dumps(dict(meta, model=["x"]))})
     (folder / "unforeseen.safetensors").write_bytes(b"x")
     real_read = common.read_checkpoint_meta
 
@@ -400,12 +402,53 @@ def test_forged_metadata_is_skipped_on_every_page(monkeypatch: pytest.MonkeyPatc
     at.run()
     assert not at.exception
     texts = "\n".join(_markdown_texts(at.sidebar))
-    for stem in ("typed-student", "nested-student", "unforeseen"):
+    for stem in ("typed-student", "nested-student", "listed-student", "unforeseen"):
         assert f"Skipped **checkpoints/{common.escape_markdown(stem)}**" in texts, texts
     at.switch_page("views/models.py").run()
     assert not at.exception
     problems = {row["checkpoint"]: row["problem"] for row in at.dataframe[0].value.to_dict("records")}
     assert "not a size in pixels" in problems["checkpoints/typed-student"]
     assert "not valid JSON" in problems["checkpoints/nested-student"]
+    assert "'model' is ['x'], not a mapping" in problems["checkpoints/listed-student"]
     assert "RuntimeError: a failure no check foresaw" in problems["checkpoints/unforeseen"]
     assert not isinstance(problems["checkpoints/pair-student"], str)  # no problem (None, shown as NaN)
+
+
+def test_a_pair_that_fails_unforeseen_is_a_message_on_every_page(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 tiny_pair) -> None:
+    """Loading passed every check, then something no check foresaw raised: the pages say so in one line."""
+    folder = _checkpoint_env(monkeypatch, tmp_path, tiny_pair)
+    shutil.copy(tiny_pair.teacher, folder / "pair-teacher.safetensors")
+    shutil.copy(tiny_pair.student, folder / "pair-student.safetensors")
+
+    def check_pair(*args, **kwargs):
+        raise RuntimeError("a failure no check foresaw")
+
+    monkeypatch.setattr(common, "check_pair", check_pair)
+    st.cache_resource.clear()  # pairs loaded by earlier tests would not reach check_pair
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception
+    shown = "\n".join(_markdown_texts(at) + _markdown_texts(at.sidebar))
+    expected = common.escape_markdown("cannot load this pair (RuntimeError: a failure no check foresaw)")
+    assert expected in shown, shown  # shown escaped, as every message
+    for page in ("views/misclassified.py", "views/models.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+
+
+def test_a_checkpoint_replaced_with_its_mtime_kept_is_a_new_version(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   tiny_pair) -> None:
+    """``cp -p`` / ``rsync -a`` keep the mtime: caches keyed by it alone would serve the old weights."""
+    folder = _checkpoint_env(monkeypatch, tmp_path, tiny_pair)
+    target = folder / "model.safetensors"
+    shutil.copy(tiny_pair.student, target)
+    before = os.stat(target)
+    (entry,) = [e for e in common.list_checkpoints() if e.path == str(target)]
+    replacement = folder / "incoming.tmp"
+    shutil.copy(tiny_pair.student, replacement)  # same size; the bytes could differ, the stat would not tell
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, target)
+    assert os.stat(target).st_mtime_ns == before.st_mtime_ns and os.stat(target).st_size == before.st_size
+    (again,) = [e for e in common.list_checkpoints() if e.path == str(target)]
+    assert again.version != entry.version

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitkd.checkpoint import (
@@ -334,6 +335,13 @@ def _resave(saved, path: Path, **changes) -> Path:
     ("parameters", "many", "'parameters' is 'many', not a count"),
     ("epoch", -1, "'epoch' is -1, not a count"),
     ("data", ["x"], "'data' is \\['x'\\], not a string"),
+    ("model", ["x"], "'model' is \\['x'\\], not a mapping"),
+    ("model", {"name": ["x"]}, "model.name is \\['x'\\], not a model name"),
+    ("model", {"name": "cifar-student", "img_size": 200_000}, "model.img_size is 200000, not a size"),
+    ("teacher", {"path": ["x"]}, "teacher.path is \\['x'\\], not a string"),
+    ("teacher", {"accuracy": "high"}, "teacher.accuracy is 'high', not a number"),
+    ("teacher", {"model": ["x"]}, "teacher.model is \\['x'\\], not a mapping"),
+    ("teacher", {"model": {"name": "x", "overrides": ["depth"]}}, "teacher.model.overrides is .*not a mapping"),
 ])
 def test_ill_typed_recorded_fields_are_refused_at_the_header(saved, tmp_path: Path, field: str, value,
                                                               match: str) -> None:
@@ -358,6 +366,28 @@ def test_absent_optional_fields_still_load(saved, tmp_path: Path) -> None:
 def test_recorded_fields_must_describe_the_model(saved, tmp_path: Path, field: str, value, match: str) -> None:
     path = _resave(saved, tmp_path / "other.safetensors", **{field: value})
     read_checkpoint_meta(path)  # well typed: only the model can tell
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("img_size, patch_size, match", [
+    # No top-level img_size: the model record's 200,000 px would be the upload's resize target.
+    (200_000, 8, "takes 200000 px images, more than vitkd resizes uploads to \\(4096 px\\)"),
+    # Within the size cap, patch 4: (4096 / 4)^2 + 1 = 1,048,577 tokens, 1 head: 1.1e12 values (4.4 TB).
+    (4096, 4, "would hold 1,099,513,724,929 values \\(1048577 tokens, 1 heads over all blocks\\)"),
+])
+def test_a_small_file_cannot_claim_a_huge_token_grid(tmp_path: Path, img_size: int, patch_size: int,
+                                                     match: str) -> None:
+    """Without a learned position table the token count costs the file nothing: a few KB would make
+    every visitor's upload allocate terabytes. Refused when loading, before any image."""
+    model = build_model("cifar-student", 2, img_size=img_size, patch_size=patch_size, embed_dim=8, num_heads=1,
+                        depth=1, mlp_ratio=1.0, pos_embed="none")
+    path = save_checkpoint(model, {"class_names": ["a", "b"], "kind": "student"}, tmp_path / "grid.safetensors")
+    with safe_open(str(path), framework="pt") as handle:  # the size as a model override, unseen by the record check
+        meta = json.loads(handle.metadata()["vitkd"])
+    meta["model"]["overrides"]["img_size"] = meta["model"].pop("img_size")
+    save_file(model.state_dict(), str(path), metadata={"vitkd": json.dumps(meta)})
+    assert path.stat().st_size < 20_000
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path)
 

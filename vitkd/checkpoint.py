@@ -38,6 +38,9 @@ __all__ = ["FORMAT_VERSION", "ARCHITECTURE_KEYS", "save_checkpoint", "load_check
 
 FORMAT_VERSION = 1
 MAX_RECORDED_IMG_SIZE = 4096  # far above any ViT's input; a larger recorded size only costs memory downstream
+# One image's attention maps, every block and head (4 GiB in float32): ViT-L/14 at 518 px needs 0.72e9.
+# The app holds them all for rollout, so a small file claiming a huge grid or many heads is refused.
+MAX_ATTENTION_VALUES = 2**30
 _META_KEY = "vitkd"
 _TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # a registry name with an optional tag, no source prefix
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
@@ -122,9 +125,19 @@ def _check_recorded_fields(meta: Mapping[str, Any], path: Path) -> None:
     for key in ("kind", "data"):
         if present(key) and not isinstance(meta[key], str):
             raise bad(key, "a string")
-    for key in ("metrics", "teacher", "train_config"):
+    for key in ("model", "metrics", "teacher", "train_config"):
         if present(key) and not isinstance(meta[key], dict):
             raise bad(key, "a mapping")
+    _check_model_record(meta.get("model") or {}, "model", path)
+    teacher = meta.get("teacher") or {}
+    if teacher.get("path") is not None and not isinstance(teacher["path"], str):
+        raise CheckpointError(f"{path}: metadata teacher.path is {teacher['path']!r:.80}, not a string")
+    if teacher.get("accuracy") is not None and not _is_number(teacher["accuracy"]):
+        raise CheckpointError(f"{path}: metadata teacher.accuracy is {teacher['accuracy']!r:.80}, not a number")
+    if teacher.get("model") is not None:
+        if not isinstance(teacher["model"], dict):
+            raise CheckpointError(f"{path}: metadata teacher.model is {teacher['model']!r:.80}, not a mapping")
+        _check_model_record(teacher["model"], "teacher.model", path)
     accuracy = (meta.get("metrics") or {}).get("accuracy")
     if accuracy is not None and not _is_number(accuracy):
         raise CheckpointError(f"{path}: metadata records accuracy {accuracy!r:.80}, not a number")
@@ -144,6 +157,18 @@ def _check_recorded_fields(meta: Mapping[str, Any], path: Path) -> None:
             HeadMap.from_list(meta["head_map"])
         except ConfigError as exc:
             raise CheckpointError(f"{path}: metadata head_map is not a head map ({exc})") from exc
+
+
+def _check_model_record(record: Mapping[str, Any], field: str, path: Path) -> None:
+    """A recorded model config's fields that listings show before anything is built (name, overrides, sizes)."""
+    checks = (("name", lambda v: isinstance(v, str), "a model name"),
+              ("overrides", lambda v: isinstance(v, dict), "a mapping"),
+              ("num_classes", lambda v: _is_int(v) and v >= 0, "a count"),
+              ("img_size", lambda v: _is_int(v) and 1 <= v <= MAX_RECORDED_IMG_SIZE,
+               f"a size in pixels (1-{MAX_RECORDED_IMG_SIZE})"))
+    for key, valid, expected in checks:
+        if record.get(key) is not None and not valid(record[key]):
+            raise CheckpointError(f"{path}: metadata {field}.{key} is {record[key]!r:.80}, not {expected}")
 
 
 def checkpoint_model_config(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> ModelConfig:
@@ -251,11 +276,23 @@ def _check_fields_fit_model(meta: Mapping[str, Any], model: torch.nn.Module, pat
     names = meta.get("class_names")
     if names is not None and num_classes is not None and len(names) != num_classes:
         raise CheckpointError(f"{path}: metadata names {len(names)} classes but the model predicts {num_classes}")
-    model_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    model_size = getattr(patch_embed, "img_size", None)
     recorded = meta.get("img_size")
     if recorded is not None and model_size is not None and recorded != model_size[0]:
         raise CheckpointError(f"{path}: metadata records input size {recorded} px but the model takes "
                               f"{model_size[0]} px")
+    if model_size is not None and max(model_size) > MAX_RECORDED_IMG_SIZE:
+        raise CheckpointError(f"{path}: the model takes {max(model_size)} px images, more than vitkd resizes "
+                              f"uploads to ({MAX_RECORDED_IMG_SIZE} px)")
+    grid = getattr(patch_embed, "grid_size", None)
+    if grid is not None:
+        tokens = int(grid[0]) * int(grid[1]) + int(getattr(model, "num_prefix_tokens", 0))
+        heads = sum(int(getattr(getattr(b, "attn", None), "num_heads", 0)) for b in getattr(model, "blocks", ()))
+        if tokens * tokens * heads > MAX_ATTENTION_VALUES:
+            raise CheckpointError(f"{path}: one image's attention maps would hold {tokens * tokens * heads:,} values "
+                                  f"({tokens} tokens, {heads} heads over all blocks), more than the "
+                                  f"{MAX_ATTENTION_VALUES:,} vitkd analyses at once")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -16,6 +16,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import common
+from vitkd.data import source_version
 from vitkd.distill import GATES, LOSS_KINDS, WEIGHTINGS
 from vitkd.errors import VitkdError
 from vitkd.headmap import parse_head_map
@@ -266,13 +267,17 @@ def rank_teacher_heads(teacher: common.CheckpointEntry, source: str) -> None:
         limit = int(cols[0].number_input("Images", min_value=RANK_IMAGES[0], max_value=RANK_IMAGES[1], value=500,
                                          step=100, key="train_rank_limit",
                                          help="Evenly spaced over the training split (every class covered)."))
-        request = (teacher.path, teacher.mtime, source, limit)
+        request = (teacher.path, teacher.version, source, limit)
         if cols[1].button("Rank heads", key="train_rank"):
             st.session_state["train_rank_request"] = request
+            st.session_state.pop("train_rank_data", None)  # the data as it is at this click
         if st.session_state.get("train_rank_request") != request:
             return
         try:
-            result = common.head_importance_cached(*request)
+            if "train_rank_data" not in st.session_state:  # listed once per click, not on every rerun
+                st.session_state["train_rank_data"] = source_version(source, "train")
+            result = common.head_importance_cached(teacher.path, teacher.version, source,
+                                                   st.session_state["train_rank_data"], limit)
         except (VitkdError, OSError) as exc:
             st.error(common.escape_markdown(common.redact_paths(str(exc), common.server_config())))
             return
