@@ -12,6 +12,7 @@ from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import ConfigError
 from vitkd.experiment import bundle_checkpoints, experiment_status, load_experiment, results_table, run_experiment
 from vitkd.rundir import RunDir
+from vitkd.train import train
 
 
 def _write_config(tmp_path: Path, image_folder: Path) -> Path:
@@ -105,6 +106,48 @@ def test_experiment_rejects_unknown_teacher_and_keys(tmp_path: Path, image_folde
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=f"run name '{spec['runs'][1]['name']}' appears twice"):
         load_experiment(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"runs": ["teacher"]}, "'runs' must be a list of mappings"),
+    ({"runs": {"name": "teacher"}}, "'runs' must be a list of mappings"),
+    ({"defaults": ["epochs", 3]}, "'defaults' a mapping"),
+    ({"out_dir": 3}, "'out_dir' must be a folder path"),
+    ({"runs": [{"model": "cifar-student"}]}, "run name None must be"),
+    ({"runs": [{"name": "../escape", "model": "cifar-student"}]}, "run name '../escape' must be"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "epochs": "30"}]}, "epochs is '30', not an integer"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "lr": "1e-3"}]}, "lr is '1e-3', not a number .*1.0e-3"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "bf16": "yes please"}]}, "bf16 .* not true or false"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "epochs": True}]}, "epochs is True, not an integer"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "model_overrides": "depth=2"}]},
+     "model_overrides is 'depth=2', not a mapping"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "group": ["g"]}]}, "group is \\['g'\\], not a string"),
+    ({"runs": [{"name": "a", "model": "cifar-student", "teacher": ["t"]}]}, "teacher is \\['t'\\], not a string"),
+])
+def test_malformed_experiment_configs_are_one_line_errors(tmp_path: Path, change: dict, match: str) -> None:
+    """Each of these raised TypeError, KeyError, ValueError or AttributeError deep inside before."""
+    spec = dict({"out_dir": str(tmp_path / "runs"), "data": "imagefolder:/d", "runs": [{"name": "a", "model": "m"}]},
+                **change)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=match):
+        load_experiment(path)
+
+
+def test_a_student_never_learns_from_an_unfinished_teacher_run(tmp_path: Path, image_folder: Path) -> None:
+    """``--only student`` while the teacher's lane is midway would distil from whatever epoch it reached."""
+    config = _write_config(tmp_path, image_folder)
+    spec = yaml.safe_load(config.read_text())
+    spec["defaults"]["epochs"] = 2
+    config.write_text(yaml.safe_dump(spec))
+    _, runs = load_experiment(config)
+    teacher = next(c for n, c, _ in runs if n == "teacher")
+    with pytest.raises(ConfigError, match="learns from run 'teacher', which has finished 0 of its 2 epochs"):
+        run_experiment(config, only=["distilled"], progress=False)
+    train(teacher, stop_after_epochs=1, progress=False)
+    with pytest.raises(ConfigError, match="which has finished 1 of its 2 epochs: train 'teacher' first"):
+        run_experiment(config, only=["distilled"], progress=False)
+    assert not RunDir(tmp_path / "runs" / "distilled").last.exists()
 
 
 def test_group_means_in_table() -> None:

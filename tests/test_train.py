@@ -122,6 +122,32 @@ def test_resume_refuses_training_data_that_changed(tmp_path: Path, image_folder:
     assert read_checkpoint_meta(tmp_path / "run" / "last.safetensors")["epoch"] == 2
 
 
+def test_resume_refuses_a_teacher_whose_content_changed(tmp_path: Path, image_folder: Path,
+                                                         vitkd_cache_dir: Path) -> None:
+    """A bundled or re-trained teacher is rewritten at the same path: the resumed epochs would distil from
+    another model than the first ones, and the path alone cannot tell."""
+    import hashlib
+    import shutil
+
+    small = {"depth": 1}
+    for seed in (0, 1):
+        train(_config(tmp_path / f"teacher{seed}", image_folder, vitkd_cache_dir, model="cifar-teacher",
+                      model_overrides=small, epochs=1, seed=seed), progress=False)
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(tmp_path / "teacher0" / "last.safetensors", teacher)
+    config = _config(tmp_path / "run", image_folder, vitkd_cache_dir, model_overrides=small, epochs=3,
+                     teacher=str(teacher), head_map="block:0->0", alpha=0.5)
+    train(config, stop_after_epochs=1, progress=False)
+    recorded = read_checkpoint_meta(tmp_path / "run" / "last.safetensors")["teacher"]["sha256"]
+    assert recorded == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    shutil.copy(tmp_path / "teacher1" / "last.safetensors", teacher)  # same path, same shape, other weights
+    with pytest.raises(ConfigError, match=r"teacher .* is not the file the run .* learned from until epoch 1"):
+        train(config, resume=True, progress=False)
+    shutil.copy(tmp_path / "teacher0" / "last.safetensors", teacher)  # restored: resumes
+    train(config, resume=True, stop_after_epochs=1, progress=False)
+    assert read_checkpoint_meta(tmp_path / "run" / "last.safetensors")["epoch"] == 2
+
+
 def test_tiny_pair_fixture(tiny_pair: TinyPair) -> None:
     teacher_meta = read_checkpoint_meta(tiny_pair.teacher)
     student_meta = read_checkpoint_meta(tiny_pair.student)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import statistics
 import time
@@ -25,6 +26,7 @@ from .train import TrainConfig, train
 
 __all__ = ["load_experiment", "run_experiment", "results_table", "experiment_status"]
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _PUBLISH_LOCK = ".publish.lock"  # in the study's out_dir: one lane at a time writes results and the bundle
 
 
@@ -41,19 +43,29 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, T
         raise ConfigError(f"cannot read experiment config {path}: {exc}") from exc
     if not isinstance(spec, dict) or "runs" not in spec or "out_dir" not in spec:
         raise ConfigError(f"{path}: an experiment config needs 'out_dir' and 'runs'")
+    if not isinstance(spec["out_dir"], str) or not isinstance(spec.get("defaults", {}), dict):
+        raise ConfigError(f"{path}: 'out_dir' must be a folder path and 'defaults' a mapping of training options")
+    if not isinstance(spec["runs"], list) or not all(isinstance(r, dict) for r in spec["runs"]):
+        raise ConfigError(f"{path}: 'runs' must be a list of mappings (- name: ..., model: ...)")
     out_dir = Path(spec["out_dir"])
     defaults = dict(spec.get("defaults", {}))
     runs: list[tuple[str, TrainConfig, dict[str, Any]]] = []
     names: set[str] = set()
     for raw in spec["runs"]:
         raw = dict(raw)
-        name = raw.pop("name")
+        name = raw.pop("name", None)
+        if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):  # it names a folder under out_dir
+            raise ConfigError(f"{path}: run name {name!r} must be letters, digits, '.', '_' or '-' "
+                              "(not starting with '.')")
         if name in names:  # two runs would share one folder: the second would resume or overwrite the first
             raise ConfigError(f"{path}: run name {name!r} appears twice; each run needs its own name")
         extra = {k: raw.pop(k) for k in ("group", "label") if k in raw}
         fields = dict(defaults, **raw)
         fields.setdefault("data", spec.get("data"))
         teacher = fields.get("teacher")
+        for key, value in (*extra.items(), ("teacher", teacher)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{path}: run {name!r}: {key} is {value!r:.60}, not a string")
         if teacher is not None and not str(teacher).endswith(".safetensors"):  # a path is used as given
             if teacher not in names:
                 raise ConfigError(f"{path}: run {name!r} names teacher {teacher!r}, which is not an earlier run "
@@ -163,9 +175,12 @@ def run_experiment(path: str | Path, only: list[str] | None = None, progress: bo
     spec, runs = load_experiment(path)
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    epochs_of = {str(RunDir(c.out_dir).last): (n, c.epochs) for n, c, _ in runs}  # teachers named by run
     for name, config, _ in runs:
         if only and name not in only:
             continue
+        if config.teacher in epochs_of:
+            _check_teacher_finished(config.teacher, *epochs_of[config.teacher], student=name)
         print(f"== {name}", flush=True)
         train(config, resume=True, progress=progress)
         _publish(spec, runs)
@@ -229,6 +244,14 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
             shutil.copyfile(RunDir(r["config"]["out_dir"]).last, renames.enter_context(atomic_target(target)))
             written.append(target)
     return written
+
+
+def _check_teacher_finished(path: str, teacher: str, epochs: int, student: str) -> None:
+    """A teacher run's ``last.safetensors`` changes every epoch until it finishes: never distil from it midway."""
+    done = read_checkpoint_meta(path).get("epoch") if Path(path).is_file() else 0
+    if done != epochs:
+        raise ConfigError(f"run {student!r} learns from run {teacher!r}, which has finished {done or 0} of its "
+                          f"{epochs} epochs: train {teacher!r} first (--only {teacher})")
 
 
 def _publish(spec: dict[str, Any], runs: list[tuple[str, TrainConfig, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -162,11 +162,30 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config a mapping (YAML, JSON, a form) describes; unknown keys and ill-typed values are refused."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown training config keys {sorted(unknown)}; known: {sorted(names)}")
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                _check_field_type(f.name, str(f.type), data[f.name])
         return cls(**dict(data))
+
+
+# TrainConfig's annotations (strings under ``from __future__ import annotations``) -> accepted types, in words.
+_FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"), "dict[str, Any]": ((dict,), "a mapping")}
+
+
+def _check_field_type(name: str, annotation: str, value: Any) -> None:
+    if value is None and annotation.endswith(" | None"):
+        return
+    allowed, words = _FIELD_KINDS[annotation.removesuffix(" | None")]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and float in allowed else ""
+        raise ConfigError(f"training config {name} is {value!r:.60}, not {words}{hint}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -346,6 +365,11 @@ def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
     return teacher_meta
 
 
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _check_teacher_input(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
     """The teacher reads the student's images: refuse a fixed input size it cannot take."""
     t_embed, s_embed = teacher.patch_embed, student.patch_embed
@@ -468,7 +492,8 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
         "head_map": head_map.to_list() if head_map else None,
         "teacher": None if teacher_meta is None else {
             "path": str(config.teacher), "model": teacher_meta.get("model"),
-            "accuracy": teacher_meta.get("metrics", {}).get("accuracy")},
+            "accuracy": teacher_meta.get("metrics", {}).get("accuracy"),
+            "sha256": _file_sha256(config.teacher)},  # which teacher, whatever its path: resume checks it
     }
     return _Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
                 train_data=train_data, val_data=val_data, test_data=test_data, student=student,
@@ -553,6 +578,13 @@ def _restore(run: _Run, resume: bool) -> _Position:
                               "spell the heads out (e.g. block:T->S[h,...])")
     if changed:
         raise ConfigError(f"--resume with a different config than the run in {run.run_dir.path} (changed: {changed})")
+    # The teacher's content, not its path (a bundled or re-trained teacher is rewritten in place); absent
+    # in states written before vitkd recorded it.
+    was_teacher = ((state.get("meta") or {}).get("teacher") or {}).get("sha256")
+    if was_teacher is not None and was_teacher != run.base_meta["teacher"]["sha256"]:
+        raise ConfigError(f"--resume: the teacher {run.config.teacher} is not the file the run in "
+                          f"{run.run_dir.path} learned from until epoch {state['epoch']} (its content changed): "
+                          "restore it, or start the run again without --resume")
     recorded_data = state.get("data")  # absent in states written before vitkd recorded it
     if recorded_data is not None and recorded_data != run.data_fingerprint:
         was, now = recorded_data.get("train_images"), run.data_fingerprint["train_images"]
