@@ -237,7 +237,8 @@ def bundle_checkpoints(results: list[dict[str, Any]], bundle_dir: Path, prefix: 
         picks["student-distilled"] = chosen
     written = []
     # Every copy is made before any file is replaced (the stack renames on exit), so a failed copy
-    # changes nothing and the app, reading meanwhile, sees the old bundle or the new one.
+    # changes nothing. The renames follow one another (three files cannot be swapped by one rename):
+    # a kill in those microseconds leaves old and new files side by side until the next publish.
     with contextlib.ExitStack() as renames:
         for role, r in picks.items():
             target = bundle_dir / f"{prefix}-{role}.safetensors"
