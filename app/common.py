@@ -31,6 +31,7 @@ from plotly.subplots import make_subplots
 from vitkd.analysis import ImageAnalysis, ModelAnalysis, analyze_pair, class_rollout
 from vitkd.checkpoint import load_checkpoint, read_checkpoint_meta
 from vitkd.errors import VitkdError
+from vitkd.files import file_sha256
 from vitkd.head_stats import HeadStats
 from vitkd.headmap import HeadMap
 from vitkd.images import DEFAULT_MAX_PIXELS, DISPLAY_SIDE, load_image
@@ -269,7 +270,7 @@ def load_model(path: str, version: str) -> tuple[torch.nn.Module, dict[str, Any]
 def _load_pair(teacher_path: str, teacher_version: str, student_path: str, student_version: str) -> ModelPair:
     teacher, teacher_meta = load_model(teacher_path, teacher_version)
     student, student_meta = load_model(student_path, student_version)
-    return check_pair(teacher, teacher_meta, student, student_meta)
+    return check_pair(teacher, teacher_meta, student, student_meta, file_sha256(teacher_path))
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,14 @@ def test_load_pair_and_incompatibilities(tmp_path: Path, models):
         "describe this pair, so distilled pairs are not shown",)
     same = dict(recorded, name=teacher.vitkd_config.name, overrides=teacher.vitkd_config.overrides)
     assert check_pair(teacher, t_meta, student, dict(s_meta, teacher={"model": same})).head_map is not None
+    # Same architecture, other weights: told apart by the teacher file's SHA-256 when both are known.
+    learned = dict(s_meta, teacher={"model": same, "path": "/runs/teacher/last.safetensors", "sha256": "a" * 64})
+    retrained = check_pair(teacher, t_meta, student, learned, teacher_sha256="b" * 64)
+    assert retrained.head_map is None and retrained.notes == (
+        "the student was distilled from another teacher file (last.safetensors, other weights), not this one; its "
+        "head map does not describe this pair, so distilled pairs are not shown",)
+    assert check_pair(teacher, t_meta, student, learned, teacher_sha256="a" * 64).head_map is not None
+    assert check_pair(teacher, t_meta, student, learned).head_map is not None  # this teacher's file unknown
 
 
 def test_model_summary(models):

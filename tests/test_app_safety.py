@@ -452,3 +452,30 @@ def test_a_checkpoint_replaced_with_its_mtime_kept_is_a_new_version(monkeypatch:
     assert os.stat(target).st_mtime_ns == before.st_mtime_ns and os.stat(target).st_size == before.st_size
     (again,) = [e for e in common.list_checkpoints() if e.path == str(target)]
     assert again.version != entry.version
+
+
+def test_a_student_beside_a_rewritten_teacher_file_draws_no_distilled_pairs(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path, tiny_pair) -> None:
+    """Same architecture, other file: the student's head map names heads of a teacher that is not this one."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = _checkpoint_env(monkeypatch, tmp_path, tiny_pair)
+    teacher, student = folder / "pair-teacher.safetensors", folder / "pair-student.safetensors"
+    shutil.copy(tiny_pair.student, student)
+    with safe_open(str(tiny_pair.teacher), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    meta = read_checkpoint_meta(tiny_pair.teacher)
+    save_file(tensors, str(teacher), metadata={"vitkd": json.dumps(dict(meta, epoch=7))})  # other bytes
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["vitkd_teacher"], at.session_state["vitkd_student"] = str(teacher), str(student)
+    at.run()
+    assert not at.exception
+    texts = "\n".join(_markdown_texts(at.sidebar))
+    assert common.escape_markdown("distilled from another teacher file") in texts, texts
+    shutil.copy(tiny_pair.teacher, teacher)  # the very file it learned from: pairs drawn again
+    at.run()
+    assert common.escape_markdown("distilled from another teacher file") not in "\n".join(_markdown_texts(at.sidebar))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_target", "write_text_atomic", "exclusive_lock"]
+__all__ = ["atomic_target", "write_text_atomic", "exclusive_lock", "file_sha256"]
 
 
 @contextlib.contextmanager
@@ -62,3 +63,9 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield  # closing the file drops the lock
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's content identity (hex SHA-256), e.g. which teacher a student learned from, whatever its path."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

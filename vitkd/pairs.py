@@ -22,6 +22,7 @@ import torch
 from .attention import TokenLayout, token_layout
 from .checkpoint import load_checkpoint
 from .errors import ConfigError, IncompatibleModelsError
+from .files import file_sha256
 from .headmap import HeadMap
 from .models import default_norm_stats, describe_model, format_model_overrides, has_distillation_token
 
@@ -164,11 +165,13 @@ def _compared_layout(teacher_layout: TokenLayout, teacher_deit: bool, student_la
 
 
 def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student: torch.nn.Module,
-               student_meta: Mapping[str, Any]) -> ModelPair:
+               student_meta: Mapping[str, Any], teacher_sha256: str | None = None) -> ModelPair:
     """Validate that two models can be compared; raise ``IncompatibleModelsError`` saying what differs.
 
     Patch grids may differ (both span the same input, so a patch of one covers a known area of the
     other's); input sizes, classes and prefix tokens (a DeiT distillation token aside) may not.
+    ``teacher_sha256`` (the teacher file's, ``vitkd.files.file_sha256``) lets a student's head map be
+    drawn only against the very teacher file it learned from, when the student recorded one.
     """
     try:
         teacher_layout = token_layout(teacher)
@@ -198,9 +201,9 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
     notes: list[str] = []
     head_map = None
     rows = student_meta.get("head_map")
-    other = _other_teacher(teacher, teacher_meta, student_meta) if rows else None
+    other = _other_teacher(teacher, teacher_meta, student_meta, teacher_sha256) if rows else None
     if other:
-        notes.append(f"the student was distilled from a {other} teacher, not this one; its head map does not "
+        notes.append(f"the student was distilled from {other}, not this one; its head map does not "
                      "describe this pair, so distilled pairs are not shown")
         rows = None
     if rows:
@@ -214,15 +217,19 @@ def check_pair(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], studen
                      head_map, tuple(notes), teacher_layout, student_layout)
 
 
-def _other_teacher(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any],
-                   student_meta: Mapping[str, Any]) -> str | None:
-    """The architecture the student's recorded teacher had, when it is not this teacher's (else None).
+def _other_teacher(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any], student_meta: Mapping[str, Any],
+                   teacher_sha256: str | None) -> str | None:
+    """The teacher the student learned from, described, when it is not this one (else None).
 
     A head map names heads of the teacher the student learned from; drawn against another teacher
-    (say an SL-ViT one of the same shape) its frames would claim pairs that never trained together.
-    Same-architecture teachers with other weights cannot be told apart here.
+    (say an SL-ViT one of the same shape, or the same architecture re-trained) its frames would
+    claim pairs that never trained together. Architectures are compared from the records; weights
+    when the student recorded its teacher file's SHA-256 and the caller knows this one's.
     """
-    recorded = (student_meta.get("teacher") or {}).get("model")
+    record = student_meta.get("teacher") or {}
+    if record.get("sha256") and teacher_sha256 and record["sha256"] != teacher_sha256:
+        return f"another teacher file ({Path(str(record.get('path'))).name}, other weights)"
+    recorded = record.get("model")
     built = getattr(teacher, "vitkd_config", None)  # a model built by vitkd, not read from a checkpoint
     actual = teacher_meta.get("model") or (built.to_dict() if built is not None else None)
     if not isinstance(recorded, Mapping) or not isinstance(actual, Mapping):
@@ -231,14 +238,15 @@ def _other_teacher(teacher: torch.nn.Module, teacher_meta: Mapping[str, Any],
     if all(recorded.get(k) == actual.get(k) for k in keys):
         return None
     overrides = recorded.get("overrides") or {}
-    return str(recorded.get("name")) + (f" ({', '.join(format_model_overrides(overrides))})" if overrides else "")
+    shape = f" ({', '.join(format_model_overrides(overrides))})" if overrides else ""
+    return f"a {recorded.get('name')}{shape} teacher"
 
 
 def load_pair(teacher_path: str | Path, student_path: str | Path, device: str | torch.device = "cpu") -> ModelPair:
     """Load two checkpoints and check they can be compared (``CheckpointError``/``IncompatibleModelsError``)."""
     teacher, teacher_meta = load_checkpoint(teacher_path, device)
     student, student_meta = load_checkpoint(student_path, device)
-    return check_pair(teacher, teacher_meta, student, student_meta)
+    return check_pair(teacher, teacher_meta, student, student_meta, file_sha256(teacher_path))
 
 
 def training_recipe(meta: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ from .distill import (
     per_sample_attention_loss,
 )
 from .errors import ConfigError, IncompatibleModelsError, VitkdError
+from .files import file_sha256
 from .headmap import HeadMap, parse_head_map
 from .models import build_model, check_model_overrides, count_parameters, default_img_size, has_distillation_token
 from .pairs import norm_stats
@@ -365,11 +366,6 @@ def _check_before_data(config: TrainConfig) -> dict[str, Any] | None:
     return teacher_meta
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _check_teacher_input(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
     """The teacher reads the student's images: refuse a fixed input size it cannot take."""
     t_embed, s_embed = teacher.patch_embed, student.patch_embed
@@ -493,7 +489,7 @@ def _setup(config: TrainConfig, run_dir: RunDir, rank: int, world_size: int, dev
         "teacher": None if teacher_meta is None else {
             "path": str(config.teacher), "model": teacher_meta.get("model"),
             "accuracy": teacher_meta.get("metrics", {}).get("accuracy"),
-            "sha256": _file_sha256(config.teacher)},  # which teacher, whatever its path: resume checks it
+            "sha256": file_sha256(config.teacher)},  # which teacher, whatever its path: resume checks it
     }
     return _Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
                 train_data=train_data, val_data=val_data, test_data=test_data, student=student,
