@@ -98,3 +98,18 @@ def test_unrecorded_norm_is_one_rule_for_eval_scan_and_heads(data, tmp_path: Pat
         for row in scan.rows:
             pred, conf = expected["files"][Path(row.path).resolve()]
             assert row.teacher_pred == pred and row.teacher_conf == pytest.approx(conf, abs=1e-5)
+
+
+def test_eval_reads_a_root_without_a_train_split(data, tmp_path: Path) -> None:
+    """eval normalises with the checkpoint's statistics, so a root holding only test/ (a held-out folder, the
+    bundled samples) evaluates; the accuracy is the forward by hand on the same files."""
+    import shutil
+
+    root, cache = data
+    test_only = tmp_path / "test_only"
+    shutil.copytree(Path(root) / "test", test_only / "test")
+    checkpoint = _checkpoint(tmp_path / "m.safetensors", *PRESET, {"mean": list(HALF), "std": list(RECORDED_STD)})
+    got = evaluate_checkpoint(checkpoint, data=f"imagefolder:{test_only}", device="cpu", cache_dir=cache)
+    expected = _by_hand(checkpoint, test_only / "test", HALF, RECORDED_STD)
+    assert got["accuracy"] == pytest.approx(expected["accuracy"]) and got["loss"] == pytest.approx(expected["loss"],
+                                                                                                   rel=1e-4)

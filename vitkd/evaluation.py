@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import load_split, split_class_names
+from .data import ImageTensors, load_subset, split_class_names
 from .errors import ConfigError
 from .pairs import model_img_size, names_preview, norm_stats
 from .train import evaluate, resolve_device
@@ -28,11 +27,11 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str = 
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     source = check_data_classes(path, model, meta, data, split, cache_dir)
-    split_data = load_split(source, split, model_img_size(model, meta), cache_dir, progress=False)
-    # Normalise as the model was trained (recorded, else norm_stats' fallback), not with the split's statistics:
-    # the rule scan, heads and the app use too.
+    # The whole split (through the decode cache), never the train split: inputs are normalised as the model
+    # was trained (recorded, else norm_stats' fallback), the rule scan, heads and the app use too.
+    whole = load_subset(source, split, model_img_size(model, meta), None, cache_dir, progress=False)
     mean, std = norm_stats(meta)
-    split_data = dataclasses.replace(split_data, mean=mean, std=std)
+    split_data = ImageTensors(whole.images, whole.labels, whole.class_names, mean, std, source, split)
     metrics = evaluate(model, split_data, batch_size, dev)
     return {"checkpoint": str(path), "data": source, "split": split, **metrics}
 
