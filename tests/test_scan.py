@@ -361,33 +361,43 @@ def test_different_patch_grids_compare_on_the_coarser_grid(pair, tmp_path: Path)
     assert [r.divergence for r in swapped.rows] == pytest.approx([r.divergence for r in fast.rows], rel=1e-6)
 
 
-def test_app_scans_a_pair_with_different_grids_like_the_library(pair, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Misclassifications page on the 8x8 teacher and the 4x4 student: the counts ``scan_folder`` gives."""
+def _scan_in_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, checkpoints: Path, data_root: Path,
+                 teacher: Path, student: Path) -> AppTest:  # noqa: F821 - imported here, as streamlit is heavy
+    """The Misclassifications page over ``data_root``'s test split with this pair, after one Scan click."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     from app import common
+
+    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
+    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(checkpoints))
+    monkeypatch.setenv("VITKD_DATA_ROOTS", str(data_root))
+    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")
+    st.cache_data.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=60)
+    at.session_state[common.TEACHER_KEY] = str(teacher)
+    at.session_state[common.STUDENT_KEY] = str(student)
+    at.switch_page("views/misclassified.py")
+    at.run()
+    split = at.selectbox(key="misc_split")
+    split.set_value(next(o for o in split.options if o.startswith(f"{data_root.name}/test"))).run()
+    at.button[0].click().run()  # Scan
+    return at
+
+
+def test_app_scans_a_pair_with_different_grids_like_the_library(pair, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Misclassifications page on the 8x8 teacher and the 4x4 student: the counts ``scan_folder`` gives."""
+
 
     teacher, teacher_meta, _, _, folder = pair
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     coarse, coarse_meta = _coarse_student(checkpoints)
     teacher_path = save_checkpoint(teacher, dict(teacher_meta), checkpoints / "teacher.safetensors")
-    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
-    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(checkpoints))
-    monkeypatch.setenv("VITKD_DATA_ROOTS", str(folder.parent))
-    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")
-    st.cache_data.clear()
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=60)
-    at.session_state[common.TEACHER_KEY] = str(teacher_path)
-    at.session_state[common.STUDENT_KEY] = str(checkpoints / "coarse.safetensors")
-    at.switch_page("views/misclassified.py")
-    at.run()
-    split = at.selectbox(key="misc_split")
-    split.set_value(next(o for o in split.options if o.startswith(f"{folder.parent.name}/test"))).run()
-    at.button[0].click().run()  # Scan
+    at = _scan_in_app(monkeypatch, tmp_path, checkpoints, folder.parent, teacher_path,
+                      checkpoints / "coarse.safetensors")
     assert not at.exception and not at.main.error
     expected = scan_folder(teacher, teacher_meta, coarse, coarse_meta, folder)
     assert sum(expected.counts.values()) == 21
@@ -510,10 +520,7 @@ def _folder_mtimes(folder: Path) -> list[int]:
 
 def test_app_rescans_after_an_image_is_rewritten_in_place_or_added_in_a_nested_folder(
         pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamlit as st
-    from streamlit.testing.v1 import AppTest
 
-    from app import common
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
@@ -523,20 +530,7 @@ def test_app_rescans_after_an_image_is_rewritten_in_place_or_added_in_a_nested_f
     calls = []
     real_scan = vitkd.scan.scan_folder
     monkeypatch.setattr(vitkd.scan, "scan_folder", lambda *a, **k: calls.append(a[4]) or real_scan(*a, **k))
-    monkeypatch.setattr(common, "BUNDLED_CHECKPOINTS", tmp_path / "none")
-    monkeypatch.setenv("VITKD_CHECKPOINT_DIRS", str(checkpoints))
-    monkeypatch.setenv("VITKD_DATA_ROOTS", str(folder.parent))
-    monkeypatch.setenv("VITKD_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("VITKD_TORCH_THREADS", "0")
-    st.cache_data.clear()
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=60)
-    at.session_state[common.TEACHER_KEY] = str(teacher_path)
-    at.session_state[common.STUDENT_KEY] = str(student_path)
-    at.switch_page("views/misclassified.py")
-    at.run()
-    split = at.selectbox(key="misc_split")
-    split.set_value(next(o for o in split.options if o.startswith("data/test"))).run()
-    at.button[0].click().run()  # Scan
+    at = _scan_in_app(monkeypatch, tmp_path, checkpoints, folder.parent, teacher_path, student_path)
 
     def images() -> str:
         assert not at.exception and not at.main.error
