@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,7 +207,25 @@ def test_escaped_names_render_literally_in_a_browser(tmp_path: Path) -> None:
         page.goto(f"http://127.0.0.1:{port}", wait_until="domcontentloaded", timeout=120_000)
         page.get_by_role("heading", name="done").wait_for(timeout=120_000)  # the script's last element
         driver.wait_idle(page, 120_000)
-        rendered = page.evaluate("""() => Array.from(document.querySelectorAll(
+        # Widgets may paint after the heading on a loaded machine: read until every element is there (or 60 s).
+        deadline = time.monotonic() + 60
+        while True:
+            rendered = _rendered_texts(page)
+            texts = [r["text"] for r in rendered]
+            if all(texts.count(name) >= 5 for name in NAMES) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        page.close()
+    for name in NAMES:  # st.markdown plain and bold, st.caption, st.error, a radio option
+        assert texts.count(name) >= 5, (name, texts.count(name))
+    assert {"text": NAMES[0], "where": "stImageCaption", "made": 0} in rendered
+    made = [r for r in rendered if r["text"] in NAMES and r["made"]]
+    assert not made, made
+
+
+def _rendered_texts(page) -> list[dict]:
+    """Every Markdown-rendered element's visible text, where it is, and how many elements Markdown made in it."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll(
                 '[data-testid="stMarkdownContainer"], [data-testid="stCaptionContainer"], '
                 + '[data-testid="stImageCaption"]')).map(el => ({
                 text: el.innerText.replaceAll('\\u2060', '').trim(),  // the word joiners escape_markdown adds
@@ -214,13 +233,6 @@ def test_escaped_names_render_literally_in_a_browser(tmp_path: Path) -> None:
                 made: el.querySelectorAll('a, img, em, del, code, h1, h2, ol, ul, blockquote, script, '
                                           + 'span.katex, [data-testid="stIconMaterial"], span[style*="color"]')
                         .length}))""")
-        page.close()
-    texts = [r["text"] for r in rendered]
-    for name in NAMES:  # st.markdown plain and bold, st.caption, st.error, a radio option
-        assert texts.count(name) >= 5, (name, texts.count(name))
-    assert {"text": NAMES[0], "where": "stImageCaption", "made": 0} in rendered
-    made = [r for r in rendered if r["text"] in NAMES and r["made"]]
-    assert not made, made
 
 
 def _checkpoint_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_pair) -> Path:
