@@ -316,6 +316,11 @@ RECIPES = [
     ({"train_config": {"teacher": "t.safetensors", "head_map": None, "alpha": 1.0, "kd": "deit-hard"}},
      {"attention": False, "kd": "deit-hard"},
      "DeiT hard-label distillation (distillation head learns the teacher's argmax)"),
+    # An older checkpoint whose typed spec meant one-to-one heads then: the resolved rows say what trained.
+    ({"train_config": {"teacher": "t.safetensors", "head_map": "block:4->2", "loss": "kl", "alpha": 0.5},
+      "head_map": [[4, 0, 2, 0], [4, 1, 2, 1]]},
+     {"head_map": "block:4->2", "head_pairs": "T4.0->S2.0, T4.1->S2.1"},
+     "KL attention loss on T4.0->S2.0, T4.1->S2.1 (typed block:4->2), alpha 0.5 (0.5 CE + 0.5 attention)"),
     # An older checkpoint: no weighting/kd keys (TrainConfig's defaults apply).
     ({"train_config": {"teacher": "t.safetensors", "head_map": "encoder", "loss": "mse", "alpha": 0.1,
                        "gate": "none"}},
@@ -337,7 +342,10 @@ def test_training_recipe_from_metadata(meta: dict, expected: dict | None, text: 
 def test_recipe_in_the_summary_the_sidebar_and_the_models_page(env: dict[str, Path]) -> None:
     pair = load_pair(env["teacher"], env["student"])
     summary = model_summary(pair.student, pair.student_meta)
-    assert summary["recipe_text"] == "KL attention loss on head map encoder, alpha 0.5 (0.5 CE + 0.5 attention)"
+    # The tiny pair: 2 blocks each, 8 teacher heads in even groups of two per student head.
+    assert summary["recipe_text"] == ("KL attention loss on T0.{0,1}->S0.0, T0.{2,3}->S0.1, T0.{4,5}->S0.2, "
+                                      "T0.{6,7}->S0.3, T1.{0,1}->S1.0, T1.{2,3}->S1.1, T1.{4,5}->S1.2, "
+                                      "T1.{6,7}->S1.3 (typed encoder), alpha 0.5 (0.5 CE + 0.5 attention)")
     assert f"| Recipe | {common.escape_markdown(summary['recipe_text'])} |" in common.summary_markdown(summary)
     at = _app(env, "views/models.py")
     sidebar = "\n".join(m.value for m in at.sidebar.markdown)

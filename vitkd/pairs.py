@@ -256,7 +256,9 @@ def training_recipe(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     (``loss``, ``alpha``, ``head_map``, ``gate``, ``weighting``, ``kd``, ``kd_weight``,
     ``kd_temperature``) with its defaults where an older checkpoint did not record them.
     ``attention`` says whether an attention term was trained (a distilled run with a head map:
-    ``TrainConfig`` refuses a head map with alpha 1).
+    ``TrainConfig`` refuses a head map with alpha 1). ``head_pairs`` is the map as resolved when the
+    run started (the checkpoint's ``head_map`` rows), None when not recorded: the typed spec alone
+    can mislead, since what ``block:4->2`` expands to has changed with the defaults over time.
     """
     config = meta.get("train_config")
     if not isinstance(config, Mapping):
@@ -264,12 +266,14 @@ def training_recipe(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     alpha = float(config.get("alpha", 1.0))
     distilled = bool(config.get("teacher"))
     head_map = config.get("head_map") if distilled else None
+    rows = meta.get("head_map") if head_map else None
     return {
         "distilled": distilled,
         "attention": distilled and bool(head_map),
         "loss": str(config.get("loss", "kl")),
         "alpha": alpha,
         "head_map": head_map,
+        "head_pairs": HeadMap.from_list(rows).describe() if rows else None,
         "gate": str(config.get("gate", "none")),
         "weighting": str(config.get("weighting", "none")),
         "kd": str(config.get("kd", "none")),
@@ -287,7 +291,9 @@ def describe_recipe(recipe: Mapping[str, Any] | None) -> str:
     parts = []
     if recipe["attention"]:
         alpha = recipe["alpha"]
-        parts.append(f"{recipe['loss'].upper()} attention loss on head map {recipe['head_map']}, "
+        pairs = recipe.get("head_pairs")
+        where = f"{pairs} (typed {recipe['head_map']})" if pairs else f"head map {recipe['head_map']}"
+        parts.append(f"{recipe['loss'].upper()} attention loss on {where}, "
                      f"alpha {alpha:g} ({alpha:g} CE + {1 - alpha:g} attention)")
         if recipe["gate"] != "none":
             parts.append(f"gate {recipe['gate']}")
