@@ -11,7 +11,8 @@ C=configs/cifar10.yaml
 $P -m vitkd experiment configs/imagenette.yaml --threads "$T"
 $P -m vitkd experiment $C --threads "$T" --only teacher student-baseline student-baseline-seed1
 $P -m vitkd experiment $C --threads 1 --only student-b2b-kl student-b2b-mse student-h2h-kl-gated \
-    student-kd student-kd-seed1 student-h2h-kl-student-correct student-h2h-kl-doubt-seed1 > runs/lane1.log 2>&1 &
+    student-kd student-kd-seed1 student-h2h-kl-student-correct student-h2h-kl-doubt-seed1 \
+    student-h2h-kl-student-correct-seed1 > runs/lane1.log 2>&1 &
 $P -m vitkd experiment $C --threads 1 --only student-e2e-mse student-h2h-kl student-h2h-kl-seed1 \
     student-h2h-kl-kd student-h2h-kl-kd-seed1 student-h2h-kl-confidence student-deit-h2h-kl student-h2h-kl-doubt \
     student-deit > runs/lane2.log 2>&1 &
